@@ -36,7 +36,9 @@
  * sp_pgconn_listen and sp_pgconn_close on its own connection.
  *
  * Host names are resolved by libpq synchronously: give unix socket
- * directories or hostaddr= to keep the loop from waiting on DNS.
+ * directories or hostaddr= to keep the loop from waiting on DNS. Over TCP, a
+ * peer that vanished without closing is noticed only through a failing query
+ * or libpq's keepalives_* options: put those in the DSN.
  */
 #ifndef SPOOL_PG_H
 #define SPOOL_PG_H
@@ -165,7 +167,7 @@ const char *sp_pgconn_last_error(const sp_pgconn_t *conn);
  * callback (res NULL, "connection closed"), then close_cb (may be NULL) is
  * called, then conn is freed. conn must not be used after this call except by
  * those callbacks (where sp_pgconn_query returns SP_ECLOSED). Calling it again
- * does nothing.
+ * before close_cb ran does nothing.
  */
 void sp_pgconn_close(sp_pgconn_t *conn, void (*close_cb)(void *arg), void *arg);
 
