@@ -206,6 +206,14 @@ BEGIN
     RETURN found;
 END $$;
 
+-- Who is acting: the session setting spool.actor (the CLI sets it to the OS
+-- user) with the database role, or the role alone.
+CREATE FUNCTION spool.actor() RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN coalesce(current_setting('spool.actor', true), '') = '' THEN current_user::text
+                ELSE current_setting('spool.actor', true) || ' (' || current_user || ')' END
+$$;
+
 -- Points alias at a version, recording the move.
 CREATE FUNCTION spool.set_alias(model text, alias_name text, new_version int) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -216,11 +224,12 @@ BEGIN
         RAISE EXCEPTION 'model "%" has no version %', model, new_version USING ERRCODE = 'no_data_found';
     END IF;
     SELECT version INTO old FROM spool.model_aliases WHERE name = model AND alias = alias_name FOR UPDATE;
-    INSERT INTO spool.model_aliases (name, alias, version) VALUES (model, alias_name, new_version)
+    INSERT INTO spool.model_aliases (name, alias, version, updated_by)
+    VALUES (model, alias_name, new_version, spool.actor())
     ON CONFLICT (name, alias) DO UPDATE
-       SET version = EXCLUDED.version, updated_at = now(), updated_by = current_user;
-    INSERT INTO spool.model_alias_history (name, alias, old_version, new_version)
-    VALUES (model, alias_name, old, new_version);
+       SET version = EXCLUDED.version, updated_at = now(), updated_by = EXCLUDED.updated_by;
+    INSERT INTO spool.model_alias_history (name, alias, old_version, new_version, moved_by)
+    VALUES (model, alias_name, old, new_version, spool.actor());
 END $$;
 
 -- Creates an open job pinned to the resolved model version. With an
