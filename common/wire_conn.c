@@ -1,10 +1,8 @@
 /*
  * sp_wire_conn: the wire protocol over a libuv stream. See spool/wire_conn.h
- * for the contract; this file keeps the conn's states:
- *
- *   open --(close, EOF, error, bad frame)--> closing --(uv close cb)--> freed
- *
- * Only close_with() moves open -> closing, and only on_uv_close() frees.
+ * for the contract and the state diagram. sp_wire_conn_shutdown() moves
+ * OPEN -> SHUT; only close_with() moves to CLOSING, and only on_uv_close()
+ * frees.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -23,7 +21,8 @@ struct sp_wire_conn {
     void *data;
     struct sp_wire_decoder dec;
     uint32_t max_frame;
-    int closing;
+    enum { OPEN, SHUT, CLOSING } state;
+    uv_shutdown_t shutdown_req;
     int close_err;
     char peer[64];
     char reason[320];
@@ -49,9 +48,9 @@ static void on_uv_close(uv_handle_t *h)
 __attribute__((format(printf, 3, 4))) static void close_with(sp_wire_conn_t *c, int err,
                                                              const char *fmt, ...)
 {
-    if (c->closing)
+    if (c->state == CLOSING)
         return;
-    c->closing = 1;
+    c->state = CLOSING;
     c->close_err = err;
     va_list ap;
     va_start(ap, fmt);
@@ -66,10 +65,33 @@ void sp_wire_conn_close(sp_wire_conn_t *c)
     close_with(c, 0, "closed locally");
 }
 
+static void on_shutdown(uv_shutdown_t *req, int status)
+{
+    sp_wire_conn_t *c = req->data;
+    if (status < 0 && status != UV_ECANCELED && c->state != CLOSING) {
+        sp_warn("wire %s: shutdown failed: %s", c->peer, uv_strerror(status));
+        close_with(c, SP_EIO, "shutdown failed: %s", uv_strerror(status));
+    }
+}
+
+int sp_wire_conn_shutdown(sp_wire_conn_t *c)
+{
+    if (c->state != OPEN)
+        return SP_ECLOSED;
+    c->state = SHUT;
+    c->shutdown_req.data = c;
+    int r = uv_shutdown(&c->shutdown_req, c->stream, on_shutdown);
+    if (r) {
+        close_with(c, SP_EIO, "shutdown failed: %s", uv_strerror(r));
+        return SP_EIO;
+    }
+    return 0;
+}
+
 /* Tells the peer why, if the socket takes the bytes right now; never waits. */
 static void send_error_now(sp_wire_conn_t *c, int err, const char *reason)
 {
-    if (uv_stream_get_write_queue_size(c->stream) != 0)
+    if (c->state != OPEN || uv_stream_get_write_queue_size(c->stream) != 0)
         return;
     struct sp_wire_frame f = {.type = SP_WIRE_ERROR};
     f.error.code = (char *)sp_err_name(err);
@@ -100,8 +122,12 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     sp_wire_conn_t *c = s->data;
-    if (c->closing)
+    if (c->state == CLOSING)
         return;
+    if (nread == UV_EOF && c->state == SHUT) {
+        close_with(c, 0, "closed after shutdown");
+        return;
+    }
     if (nread == UV_EOF) {
         size_t left = sp_wire_decoder_pending(&c->dec);
         if (left) {
@@ -120,7 +146,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         return;
     }
     int rc = sp_wire_decoder_feed(&c->dec, buf->base, (size_t)nread);
-    while (rc == 0 && !c->closing) {
+    while (rc == 0 && c->state != CLOSING) {
         struct sp_wire_frame f;
         rc = sp_wire_decoder_next(&c->dec, &f);
         if (rc == 1) {
@@ -129,7 +155,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             rc = 0;
         }
     }
-    if (rc < 0 && rc != SP_EAGAIN && !c->closing)
+    if (rc < 0 && rc != SP_EAGAIN && c->state != CLOSING)
         protocol_error(c, rc);
 }
 
@@ -183,7 +209,7 @@ static void on_write(uv_write_t *req, int status)
     sp_wire_conn_t *c = req->data;
     msgpack_sbuffer_destroy(&w->sb);
     free(w);
-    if (status < 0 && status != UV_ECANCELED && !c->closing) {
+    if (status < 0 && status != UV_ECANCELED && c->state != CLOSING) {
         sp_warn("wire %s: write failed: %s", c->peer, uv_strerror(status));
         close_with(c, SP_EIO, "write failed: %s", uv_strerror(status));
     }
@@ -191,7 +217,7 @@ static void on_write(uv_write_t *req, int status)
 
 int sp_wire_conn_send(sp_wire_conn_t *c, const struct sp_wire_frame *f)
 {
-    if (c->closing)
+    if (c->state != OPEN)
         return SP_ECLOSED;
     struct write_req *w = malloc(sizeof *w);
     if (!w)
