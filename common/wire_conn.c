@@ -170,6 +170,8 @@ int sp_wire_conn_open(sp_wire_conn_t **out, uv_stream_t *stream, uint32_t max_fr
     c->on_close = on_close;
     c->data = data;
     c->max_frame = max_frame ? max_frame : SP_WIRE_MAX_FRAME_DEFAULT;
+    if (c->max_frame > UINT32_MAX - SP_WIRE_PREFIX) /* so that a frame's bytes fit a uv_buf_t */
+        c->max_frame = UINT32_MAX - SP_WIRE_PREFIX;
     sp_wire_decoder_init(&c->dec, c->max_frame);
     snprintf(c->peer, sizeof c->peer, "stream");
     if (stream->type == UV_TCP) {

@@ -18,6 +18,8 @@
 
 /* Deepest nesting accepted; below msgpack-c's own limit (32), above any frame's needs. */
 #define MAX_DEPTH 24
+/* Buffer kept between frames; a larger one (grown for a big frame) is freed once empty. */
+#define KEEP_BUF (256 * 1024)
 
 __attribute__((format(printf, 3, 4))) static int fail(struct sp_wire_decoder *d, int err,
                                                       const char *fmt, ...)
@@ -249,8 +251,14 @@ int sp_wire_decoder_next(struct sp_wire_decoder *d, struct sp_wire_frame *f)
     if (rc)
         return fail(d, rc, "frame %llu: %s", idx, err);
     d->pos += SP_WIRE_PREFIX + (size_t)n;
-    if (d->pos == d->len)
+    if (d->pos == d->len) {
         d->pos = d->len = 0;
+        if (d->cap > KEEP_BUF) { /* a rare big frame should not pin its buffer for good */
+            free(d->buf);
+            d->buf = NULL;
+            d->cap = 0;
+        }
+    }
     d->frames++;
     return 1;
 }

@@ -278,6 +278,11 @@ int sp_wire_decode_object(const msgpack_object *obj, struct sp_wire_frame *f, ch
  * same negative code, and reason() says why). Bytes fed are buffered until
  * next() consumes them, so feed and drain alternately: the buffer then never
  * holds more than one frame plus one feed's worth of bytes.
+ *
+ * Memory: decoding a frame of N bytes costs msgpack-c at most about 16 * N
+ * bytes for a moment (16 per array element, 32 per map pair, each at least
+ * one byte on the wire), plus the decoded frame. Choose max_frame with that
+ * in mind.
  */
 struct sp_wire_decoder {
     uint8_t *buf; /* unconsumed bytes are buf[pos, len) */

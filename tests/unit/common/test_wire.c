@@ -353,6 +353,19 @@ static void garbage_msgpack(void **state)
     deep[3] = 31;
     deep[sizeof deep - 1] = 0xc0;
     EXPECT(deep, sizeof deep, SP_ECORRUPT, "nested deeper");
+    /* 24 levels is the limit: the bytes pass, the shape does not; 25 do not pass. */
+    uint8_t limit[4 + 25];
+    memset(limit, 0x91, sizeof limit);
+    limit[0] = limit[1] = limit[2] = 0;
+    limit[3] = 25;
+    limit[sizeof limit - 1] = 0xc0;
+    EXPECT(limit, sizeof limit, SP_EPROTO, "another length");
+    uint8_t over[4 + 26];
+    memset(over, 0x91, sizeof over);
+    over[0] = over[1] = over[2] = 0;
+    over[3] = 26;
+    over[sizeof over - 1] = 0xc0;
+    EXPECT(over, sizeof over, SP_ECORRUPT, "deeper than 24");
     /* Valid msgpack, but a number rather than a frame. */
     const uint8_t number[] = {0, 0, 0, 1, 0x05};
     EXPECT(number, sizeof number, SP_EPROTO, "got non-negative int");
