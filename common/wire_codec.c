@@ -98,6 +98,26 @@ static const char *check_frame(const struct sp_wire_frame *f)
     return NULL;
 }
 
+/*
+ * Where a value sits in a body: a chain of keys and array indexes on the
+ * stack, formatted ("models[1].digest") only when a message needs it.
+ */
+struct path {
+    const struct path *up; /* NULL at the body */
+    const char *key;       /* NULL for an array element */
+    uint32_t index;
+};
+
+static size_t path_fmt(const struct path *p, char *buf, size_t cap)
+{
+    size_t n = p->up ? path_fmt(p->up, buf, cap) : 0;
+    if (n >= cap)
+        return n;
+    int w = p->key ? snprintf(buf + n, cap - n, "%s%s", n ? "." : "", p->key)
+                   : snprintf(buf + n, cap - n, "[%u]", p->index);
+    return n + (w > 0 ? (size_t)w : 0);
+}
+
 /* ---- decoding ---- */
 
 struct dec {
@@ -147,11 +167,13 @@ static const char *obj_type_name(const msgpack_object *o)
     }
 }
 
-__attribute__((format(printf, 3, 4))) static int fail(struct dec *d, const char *path,
+__attribute__((format(printf, 3, 4))) static int fail(struct dec *d, const struct path *path,
                                                       const char *fmt, ...)
 {
     if (d->err && d->errcap) {
-        int n = snprintf(d->err, d->errcap, "%s: key '%s' ", d->frame, path);
+        char where[192];
+        path_fmt(path, where, sizeof where);
+        int n = snprintf(d->err, d->errcap, "%s: key '%s' ", d->frame, where);
         if (n >= 0 && (size_t)n < d->errcap) {
             va_list ap;
             va_start(ap, fmt);
@@ -169,14 +191,15 @@ static int oom(struct dec *d)
     return SP_ENOMEM;
 }
 
-static int wrong_type(struct dec *d, const char *path, const char *want, const msgpack_object *o)
+static int wrong_type(struct dec *d, const struct path *path, const char *want,
+                      const msgpack_object *o)
 {
     return fail(d, path, "must be %s, got %s", want, obj_type_name(o));
 }
 
 /* Copies a msgpack str; NUL-free strings reject embedded NUL bytes. */
-static int copy_str(struct dec *d, const char *path, const msgpack_object *o, bool nul_free,
-                    char **out, size_t *len)
+static int copy_str(struct dec *d, const struct path *path, const msgpack_object *o, bool nul_free,
+                    const char **out, size_t *len)
 {
     if (o->type != MSGPACK_OBJECT_STR)
         return wrong_type(d, path, "a str", o);
@@ -195,7 +218,7 @@ static int copy_str(struct dec *d, const char *path, const msgpack_object *o, bo
     return 0;
 }
 
-static int get_token(struct dec *d, const char *path, const msgpack_object *o, int32_t *out)
+static int get_token(struct dec *d, const struct path *path, const msgpack_object *o, int32_t *out)
 {
     if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
         return wrong_type(d, path, "a token id (int in [0, 2^31-1])", o);
@@ -206,7 +229,7 @@ static int get_token(struct dec *d, const char *path, const msgpack_object *o, i
     return 0;
 }
 
-static int get_number(struct dec *d, const char *path, const msgpack_object *o, double *out)
+static int get_number(struct dec *d, const struct path *path, const msgpack_object *o, double *out)
 {
     switch (o->type) {
     case MSGPACK_OBJECT_FLOAT32:
@@ -235,16 +258,17 @@ static float to_float(double x)
 }
 
 static int decode_struct(struct dec *d, const struct wire_schema *s, const msgpack_object *map,
-                         void *base, const char *prefix);
+                         void *base, const struct path *at);
 
 static int decode_array(struct dec *d, const struct wire_field *fl, const msgpack_object *o,
-                        void *base, const char *path)
+                        void *base, const struct path *path)
 {
     if (o->type != MSGPACK_OBJECT_ARRAY)
         return wrong_type(d, path, "an array", o);
     uint32_t n = o->via.array.size;
     const msgpack_object *items = o->via.array.ptr;
-    char ipath[192];
+    struct path ip = {path, NULL, 0};
+    const struct path *ipath = &ip;
     size_t elem = fl->kind == WK_STRUCT_ARRAY  ? fl->sub->size
                   : fl->kind == WK_TOKEN_ARRAY ? sizeof(int32_t)
                   : fl->kind == WK_F32_ARRAY   ? sizeof(float)
@@ -257,7 +281,7 @@ static int decode_array(struct dec *d, const struct wire_field *fl, const msgpac
         memset(arr, 0, (size_t)n * elem);
     }
     for (uint32_t i = 0; i < n; i++) {
-        snprintf(ipath, sizeof ipath, "%s[%u]", path, i);
+        ip.index = i;
         int rc = 0;
         double x;
         switch (fl->kind) {
@@ -274,7 +298,7 @@ static int decode_array(struct dec *d, const struct wire_field *fl, const msgpac
             ((float *)arr)[i] = to_float(x);
             break;
         default: /* WK_STR_ARRAY */
-            rc = copy_str(d, ipath, &items[i], true, (char **)arr + i, NULL);
+            rc = copy_str(d, ipath, &items[i], true, (const char **)arr + i, NULL);
             break;
         }
         if (rc)
@@ -286,7 +310,7 @@ static int decode_array(struct dec *d, const struct wire_field *fl, const msgpac
 }
 
 static int decode_value(struct dec *d, const struct wire_field *fl, const msgpack_object *o,
-                        void *base, const char *path)
+                        void *base, const struct path *path)
 {
     double x;
     switch (fl->kind) {
@@ -328,9 +352,10 @@ static int decode_value(struct dec *d, const struct wire_field *fl, const msgpac
         *AT(base, fl->off, bool) = o->via.boolean;
         break;
     case WK_STR:
-        return copy_str(d, path, o, true, AT(base, fl->off, char *), NULL);
+        return copy_str(d, path, o, true, AT(base, fl->off, const char *), NULL);
     case WK_TEXT:
-        return copy_str(d, path, o, false, AT(base, fl->off, char *), AT(base, fl->n_off, size_t));
+        return copy_str(d, path, o, false, AT(base, fl->off, const char *),
+                        AT(base, fl->n_off, size_t));
     case WK_CAPACITY:
         if (o->type != MSGPACK_OBJECT_STR)
             return wrong_type(d, path, "a str", o);
@@ -367,38 +392,41 @@ static int decode_value(struct dec *d, const struct wire_field *fl, const msgpac
 }
 
 static int decode_struct(struct dec *d, const struct wire_schema *s, const msgpack_object *map,
-                         void *base, const char *prefix)
+                         void *base, const struct path *at)
 {
     const msgpack_object_kv *kv = map->via.map.ptr;
     uint32_t n = map->via.map.size;
-    char path[192];
     for (uint32_t i = 0; i < n; i++)
         if (kv[i].key.type != MSGPACK_OBJECT_STR) {
-            if (d->err && d->errcap)
+            if (d->err && d->errcap) {
+                char where[192] = "body";
+                if (at)
+                    path_fmt(at, where, sizeof where);
                 snprintf(d->err, d->errcap, "%s: map '%s' has a key of type %s (keys are str)",
-                         d->frame, *prefix ? prefix : "body", obj_type_name(&kv[i].key));
+                         d->frame, where, obj_type_name(&kv[i].key));
+            }
             return SP_EPROTO;
         }
     for (unsigned fi = 0; fi < s->n_fields; fi++) {
         const struct wire_field *fl = &s->fields[fi];
         size_t klen = strlen(fl->key);
         const msgpack_object *found = NULL;
-        snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", fl->key);
+        struct path path = {at, fl->key, 0};
         for (uint32_t i = 0; i < n; i++) {
             if (kv[i].key.via.str.size != klen || memcmp(kv[i].key.via.str.ptr, fl->key, klen))
                 continue;
             if (found)
-                return fail(d, path, "appears twice");
+                return fail(d, &path, "appears twice");
             found = &kv[i].val;
         }
         if (found && (fl->flags & WF_NIL) && found->type == MSGPACK_OBJECT_NIL)
             found = NULL;
         if (!found) {
             if (fl->flags & WF_REQUIRED)
-                return fail(d, path, "is missing");
+                return fail(d, &path, "is missing");
             continue;
         }
-        int rc = decode_value(d, fl, found, base, path);
+        int rc = decode_value(d, fl, found, base, &path);
         if (rc)
             return rc;
         if (fl->has_off >= 0)
@@ -453,7 +481,7 @@ int sp_wire_decode_object(const msgpack_object *obj, struct sp_wire_frame *f, ch
     struct dec d = {&mem, sp_wire_type_name(type), err, errcap};
     f->type = (enum sp_wire_type)type;
     int rc = decode_struct(&d, sp__wire_body_schema(type), &obj->via.array.ptr[2],
-                           (char *)f + BODY_OFF, "");
+                           (char *)f + BODY_OFF, NULL);
     f->mem = mem;
     if (!rc && (why = check_frame(f)) != NULL) {
         if (err && errcap)
@@ -475,13 +503,16 @@ struct enc {
     int rc;
 };
 
-static void enc_fail(struct enc *e, const char *path, const char *what)
+static void enc_fail(struct enc *e, const struct path *path, const char *what)
 {
     if (e->rc)
         return;
     e->rc = SP_EINVAL;
-    if (e->err && e->errcap)
-        snprintf(e->err, e->errcap, "%s: key '%s' %s", e->frame, path, what);
+    if (e->err && e->errcap) {
+        char where[192];
+        path_fmt(path, where, sizeof where);
+        snprintf(e->err, e->errcap, "%s: key '%s' %s", e->frame, where, what);
+    }
 }
 
 static void pk(struct enc *e, int r)
@@ -508,9 +539,9 @@ static bool field_present(const struct wire_field *fl, const void *base)
 }
 
 static void encode_struct(struct enc *e, const struct wire_schema *s, const void *base,
-                          const char *prefix);
+                          const struct path *at);
 
-static void encode_tokens(struct enc *e, const int32_t *ids, uint32_t n, const char *path)
+static void encode_tokens(struct enc *e, const int32_t *ids, uint32_t n, const struct path *path)
 {
     if (n && !ids)
         return enc_fail(e, path, "has a count but no array");
@@ -523,9 +554,10 @@ static void encode_tokens(struct enc *e, const int32_t *ids, uint32_t n, const c
 }
 
 static void encode_value(struct enc *e, const struct wire_field *fl, const void *base,
-                         const char *path)
+                         const struct path *path)
 {
-    char ipath[192];
+    struct path ip = {path, NULL, 0};
+    const struct path *ipath = &ip;
     switch (fl->kind) {
     case WK_U64:
         pk(e, msgpack_pack_uint64(&e->pk, *CAT(base, fl->off, uint64_t)));
@@ -591,7 +623,7 @@ static void encode_value(struct enc *e, const struct wire_field *fl, const void 
             return enc_fail(e, path, "has a count but no array");
         pk(e, msgpack_pack_array(&e->pk, n));
         for (uint32_t i = 0; i < n && !e->rc; i++) {
-            snprintf(ipath, sizeof ipath, "%s[%u]", path, i);
+            ip.index = i;
             if (fl->kind == WK_STRUCT_ARRAY) {
                 encode_struct(e, fl->sub, arr + i * fl->sub->size, ipath);
             } else if (fl->kind == WK_F32_ARRAY) {
@@ -609,10 +641,9 @@ static void encode_value(struct enc *e, const struct wire_field *fl, const void 
 }
 
 static void encode_struct(struct enc *e, const struct wire_schema *s, const void *base,
-                          const char *prefix)
+                          const struct path *at)
 {
     uint32_t n = 0;
-    char path[192];
     for (unsigned fi = 0; fi < s->n_fields; fi++)
         n += field_present(&s->fields[fi], base);
     pk(e, msgpack_pack_map(&e->pk, n));
@@ -620,9 +651,9 @@ static void encode_struct(struct enc *e, const struct wire_schema *s, const void
         const struct wire_field *fl = &s->fields[fi];
         if (!field_present(fl, base))
             continue;
-        snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", fl->key);
+        struct path path = {at, fl->key, 0};
         enc_str(e, fl->key, strlen(fl->key));
-        encode_value(e, fl, base, path);
+        encode_value(e, fl, base, &path);
     }
 }
 
@@ -651,7 +682,7 @@ int sp_wire_encode(msgpack_sbuffer *out, const struct sp_wire_frame *f, char *er
     pk(&e, msgpack_pack_uint32(&e.pk, SP_WIRE_VERSION));
     pk(&e, msgpack_pack_uint32(&e.pk, (uint32_t)f->type));
     if (!e.rc)
-        encode_struct(&e, s, (const char *)f + BODY_OFF, "");
+        encode_struct(&e, s, (const char *)f + BODY_OFF, NULL);
     if (!e.rc && out->size - start - SP_WIRE_PREFIX > UINT32_MAX) {
         e.rc = SP_ETOOBIG;
         if (err && errcap)

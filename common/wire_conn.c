@@ -94,8 +94,8 @@ static void send_error_now(sp_wire_conn_t *c, int err, const char *reason)
     if (c->state != OPEN || uv_stream_get_write_queue_size(c->stream) != 0)
         return;
     struct sp_wire_frame f = {.type = SP_WIRE_ERROR};
-    f.error.code = (char *)sp_err_name(err);
-    f.error.message = (char *)reason;
+    f.error.code = sp_err_name(err);
+    f.error.message = reason;
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
     if (sp_wire_encode(&sb, &f, NULL, 0) == 0) {

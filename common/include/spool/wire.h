@@ -64,7 +64,7 @@ enum sp_wire_sender { SP_WIRE_FROM_WORKER = 1, SP_WIRE_FROM_SCHEDULER = 2 };
 enum sp_wire_capacity { SP_WIRE_SPOT = 0, SP_WIRE_ON_DEMAND = 1 };
 
 /*
- * Strings: `char *` fields are NUL-terminated UTF-8 without embedded NUL bytes
+ * Strings: `const char *` fields are NUL-terminated UTF-8 without embedded NUL bytes
  * (the decoder rejects a NUL inside them). Fields that carry generated or user
  * text (a text prompt, a text piece) also have a byte length and may hold any
  * bytes; they are NUL-terminated as well for convenience.
@@ -75,22 +75,22 @@ enum sp_wire_capacity { SP_WIRE_SPOT = 0, SP_WIRE_ON_DEMAND = 1 };
 
 /* A model version: name and version always; digest ("sha256:<hex>") where pinned. */
 struct sp_wire_model {
-    char *name;
+    const char *name;
     uint32_t version;
-    char *digest; /* required in REGISTER and ASSIGN, optional (NULL) in LIVE_REQUEST */
+    const char *digest; /* required in REGISTER and ASSIGN, optional (NULL) in LIVE_REQUEST */
 };
 
 struct sp_wire_register { /* worker -> scheduler, first frame on a connection */
-    char *name;           /* worker name, unique per fleet (host name, pod name) */
-    char *gpu_type;       /* "H200", "A100-80GB", "cpu" */
+    const char *name;     /* worker name, unique per fleet (host name, pod name) */
+    const char *gpu_type; /* "H200", "A100-80GB", "cpu" */
     uint64_t gpu_memory;  /* bytes */
     enum sp_wire_capacity capacity;
     double price_per_hour; /* USD per hour for this worker's GPU */
     struct sp_wire_model *models;
     uint32_t n_models;
-    uint32_t max_batch; /* most sequences the engine runs at once */
-    char *backend;      /* engine backend: "cuda", "cpu" */
-    bool has_worker_id; /* set when reconnecting: the id REGISTERED gave before */
+    uint32_t max_batch;  /* most sequences the engine runs at once */
+    const char *backend; /* engine backend: "cuda", "cpu" */
+    bool has_worker_id;  /* set when reconnecting: the id REGISTERED gave before */
     uint64_t worker_id;
 };
 
@@ -134,16 +134,16 @@ struct sp_wire_done { /* worker -> scheduler: every request of the shard is fini
 struct sp_wire_release { /* worker -> scheduler: gives a shard back unfinished */
     uint64_t shard_id;
     uint64_t lease_token;
-    char *reason; /* "preempted", "draining", "model_unavailable", "error: ..." */
+    const char *reason; /* "preempted", "draining", "model_unavailable", "error: ..." */
 };
 
 struct sp_wire_drain { /* either direction: stop taking new work */
-    char *reason;
+    const char *reason;
     uint32_t deadline_ms; /* finish or release everything within this long */
 };
 
 struct sp_wire_goodbye { /* either direction: the sender closes after this frame */
-    char *reason;
+    const char *reason;
 };
 
 /* Sampling parameters of a live request; every one is optional (engine default). */
@@ -164,7 +164,7 @@ struct sp_wire_sampling {
     bool ignore_eos;
     int32_t *stop_ids; /* extra stop token ids */
     uint32_t n_stop_ids;
-    char **stop; /* stop strings */
+    const char **stop; /* stop strings */
     uint32_t n_stop;
 };
 
@@ -173,7 +173,7 @@ struct sp_wire_prompt {
     bool is_text;
     int32_t *tokens; /* when !is_text */
     uint32_t n_tokens;
-    char *text; /* when is_text: text_len bytes, NUL-terminated */
+    const char *text; /* when is_text: text_len bytes, NUL-terminated */
     size_t text_len;
 };
 
@@ -189,10 +189,10 @@ struct sp_wire_tokens { /* worker -> scheduler: the next tokens of a live reques
     uint64_t request_id;
     int32_t *token_ids;
     uint32_t n_token_ids;
-    char *text; /* text_len bytes decoded from token_ids (complete UTF-8 only) */
+    const char *text; /* text_len bytes decoded from token_ids (complete UTF-8 only) */
     size_t text_len;
-    char *finish_reason; /* NULL while generating; "stop", "length", "cancelled", "error" */
-    float *logprobs;     /* NULL, or one per token id */
+    const char *finish_reason; /* NULL while generating; "stop", "length", "cancelled", "error" */
+    float *logprobs;           /* NULL, or one per token id */
     uint32_t n_logprobs;
 };
 
@@ -210,9 +210,9 @@ struct sp_wire_usage { /* worker -> scheduler: for exactly one of request_id, sh
     double gpu_seconds;
 };
 
-struct sp_wire_error { /* either direction */
-    char *code;        /* an error name from Spool's table, such as "SP_EPROTO" */
-    char *message;     /* what was wrong, for people */
+struct sp_wire_error {   /* either direction */
+    const char *code;    /* an error name from Spool's table, such as "SP_EPROTO" */
+    const char *message; /* what was wrong, for people */
     bool has_request_id;
     uint64_t request_id;
 };

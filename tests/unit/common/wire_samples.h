@@ -19,7 +19,7 @@ static struct sp_wire_model sample_models[] = {
 static int32_t sample_tokens[] = {1, 15043, 29892, 3186, 0, 2147483647};
 static float sample_logprobs[] = {-0.25f, -1.5f, 0.0f, -12.75f, -3.0e-7f, -INFINITY};
 static int32_t sample_stop_ids[] = {128001, 128009};
-static char *sample_stop[] = {"\n\nUser:", "</s>"};
+static const char *sample_stop[] = {"\n\nUser:", "</s>"};
 static const char sample_text[] = "caf\xc3\xa9 \0 NUL inside"; /* text may hold a NUL byte */
 
 static inline void wire_sample(enum sp_wire_type type, int full, struct sp_wire_frame *f)
@@ -107,7 +107,7 @@ static inline void wire_sample(enum sp_wire_type type, int full, struct sp_wire_
         f->tokens.request_id = 1ull << 40;
         f->tokens.token_ids = sample_tokens;
         f->tokens.n_token_ids = 6;
-        f->tokens.text = (char *)sample_text;
+        f->tokens.text = sample_text;
         f->tokens.text_len = sizeof sample_text - 1;
         f->tokens.finish_reason = full ? "length" : NULL;
         f->tokens.logprobs = full ? sample_logprobs : NULL;
