@@ -162,6 +162,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 int sp_wire_conn_open(sp_wire_conn_t **out, uv_stream_t *stream, uint32_t max_frame,
                       sp_wire_frame_cb on_frame, sp_wire_close_cb on_close, void *data)
 {
+    if (!stream || !on_frame)
+        return SP_EINVAL;
     sp_wire_conn_t *c = calloc(1, sizeof *c);
     if (!c)
         return SP_ENOMEM;

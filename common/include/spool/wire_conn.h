@@ -61,8 +61,9 @@ typedef void (*sp_wire_close_cb)(sp_wire_conn_t *c, int err);
 /*
  * Starts reading on stream. max_frame bounds frames in both directions (0 =
  * SP_WIRE_MAX_FRAME_DEFAULT). data is the caller's, see sp_wire_conn_data().
- * Returns 0 with *out set; SP_ENOMEM or SP_EIO (uv_read_start failed), in
- * which case the stream is left to the caller untouched.
+ * on_frame is required, on_close optional. Returns 0 with *out set;
+ * SP_EINVAL, SP_ENOMEM or SP_EIO (uv_read_start failed), in which case the
+ * stream is left to the caller untouched.
  */
 int sp_wire_conn_open(sp_wire_conn_t **out, uv_stream_t *stream, uint32_t max_frame,
                       sp_wire_frame_cb on_frame, sp_wire_close_cb on_close, void *data);
