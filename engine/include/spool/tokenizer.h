@@ -25,6 +25,13 @@ int se_tokenizer_open(const char *dir, se_tokenizer_t **out, char *err, size_t e
 /* As se_tokenizer_open, from explicit files; config_path may be NULL. */
 int se_tokenizer_open_files(const char *tokenizer_json, const char *config_path,
                             se_tokenizer_t **out, char *err, size_t errcap);
+/*
+ * As se_tokenizer_open_files, from the contents of the files in memory (as
+ * a fuzzer or a caller holding them in an archive has them); config_json may
+ * be NULL. Messages name the files "tokenizer.json" and "tokenizer_config.json".
+ */
+int se_tokenizer_open_buffer(const char *json, size_t len, const char *config_json,
+                             size_t config_len, se_tokenizer_t **out, char *err, size_t errcap);
 void se_tokenizer_close(se_tokenizer_t *tok);
 
 /* Number of ids (vocabulary plus added tokens): one past the largest id. */
@@ -44,15 +51,21 @@ bool se_tokenizer_is_special(const se_tokenizer_t *tok, int32_t id);
  * Encodes len bytes of text as Hugging Face's encode(text, add_special_tokens)
  * does: special tokens written in the text are recognised; with add_special
  * the post-processor's tokens (such as a bos) are added. Invalid UTF-8 is
- * handled as the reference does. On success *ids is malloc'd (caller frees)
- * and holds *n ids.
+ * never an error: each maximal invalid subsequence is first replaced by
+ * U+FFFD (the WHATWG / Python errors="replace" rule), so the result is that of
+ * encoding the lossily decoded string. On success *ids is malloc'd (caller
+ * frees, also when *n is 0) and holds *n ids. Returns SP_EINVAL for text NULL
+ * with len > 0, SP_ENOMEM.
  */
 int se_tokenizer_encode(const se_tokenizer_t *tok, const char *text, size_t len,
                         bool add_special, int32_t **ids, size_t *n);
 
 /*
- * Decodes ids as Hugging Face's decode(ids, skip_special_tokens) does. On
- * success *text is malloc'd, NUL-terminated, with *len bytes.
+ * Decodes ids as Hugging Face's decode(ids, skip_special_tokens) does (without
+ * clean_up_tokenization_spaces, which the supported families turn off). Bytes
+ * that do not form valid UTF-8 become U+FFFD, one per maximal invalid
+ * subsequence. On success *text is malloc'd, NUL-terminated, with *len bytes.
+ * Returns SP_EINVAL for an id outside the vocabulary.
  */
 int se_tokenizer_decode(const se_tokenizer_t *tok, const int32_t *ids, size_t n,
                         bool skip_special, char **text, size_t *len);
