@@ -133,18 +133,21 @@ static void render_llama3(const se_tokenizer_t *t, const struct se_chat_msg *m, 
  */
 static char *chatml_default_system(const char *tmpl)
 {
-    const char *marker = "<|im_start|>system\\n";
-    for (const char *p = strstr(tmpl, marker); p; p = strstr(p + 1, marker)) {
-        const char *s = p + strlen(marker);
-        const char *e = strstr(s, "<|im_end|>");
-        if (!e || e == s)
-            continue;
-        bool literal = true;
-        for (const char *q = s; q < e; q++)
-            literal &= *q != '\'' && *q != '"' && *q != '{' && *q != '}';
-        if (!literal)
-            continue;
-        return strndup(s, (size_t)(e - s));
+    /* Templates write the newline as \n inside a Jinja string, or as a real newline. */
+    static const char *const markers[] = {"<|im_start|>system\\n", "<|im_start|>system\n"};
+    for (size_t k = 0; k < 2; k++) {
+        const char *marker = markers[k];
+        for (const char *p = strstr(tmpl, marker); p; p = strstr(p + 1, marker)) {
+            const char *s = p + strlen(marker);
+            const char *e = strstr(s, "<|im_end|>");
+            if (!e || e == s)
+                continue;
+            bool literal = true;
+            for (const char *q = s; q < e; q++)
+                literal &= *q != '\'' && *q != '"' && *q != '{' && *q != '}' && *q != '\\';
+            if (literal)
+                return strndup(s, (size_t)(e - s));
+        }
     }
     return NULL;
 }
