@@ -554,6 +554,24 @@ static int bpe_piece(struct enc *e, const char *s, size_t len)
 
 /* ---- the pipeline ---- */
 
+/* BPE word by word, cutting before each "▁" that follows another character (see sp_word_split). */
+static int bpe_words(struct enc *e, const char *s, size_t n)
+{
+    static const char mark[] = "\xe2\x96\x81";
+    size_t w = 0;
+    for (const char *q = memmem(s, n, mark, 3); q;
+         q = memmem(q + 3, n - (size_t)(q + 3 - s), mark, 3)) {
+        size_t at = (size_t)(q - s);
+        if (at > w && !(at >= 3 && memcmp(s + at - 3, mark, 3) == 0)) {
+            int rc = bpe_piece(e, s + w, at - w);
+            if (rc)
+                return rc;
+            w = at;
+        }
+    }
+    return bpe_piece(e, s + w, n - w);
+}
+
 /* A normalized sub-section without added tokens: pre-tokenize and run the model. */
 static int encode_plain(struct enc *e, const char *s, size_t n, bool first_section)
 {
@@ -569,6 +587,8 @@ static int encode_plain(struct enc *e, const char *s, size_t n, bool first_secti
             return rc;
         cur = !cur;
     }
+    if (t->n_pre == 0 && t->sp_word_split)
+        return bpe_words(e, s, n);
     for (size_t k = 0; k < e->pieces[cur].n; k++) {
         struct span sp = e->pieces[cur].v[k];
         int rc = bpe_piece(e, e->arena[cur].p + sp.off, sp.len);

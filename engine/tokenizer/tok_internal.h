@@ -91,6 +91,13 @@ struct se_tokenizer {
     int32_t byte_sym[256];   /* byte-level: id of the one-character piece of each byte */
     bool byte_level_model;   /* initial symbols are bytes (a ByteLevel pre-tokenizer) */
     int16_t unbyte[324];     /* byte-level code point (< 324) -> byte, or -1 */
+    /*
+     * SentencePiece-style models without a pre-tokenizer: no piece has "▁"
+     * after another character, so no merge can cross the start of a word and
+     * encoding may split the text before each such "▁" (the same result as one
+     * BPE over the whole text, which would be quadratic in memory traffic).
+     */
+    bool sp_word_split;
 
     struct se__norm *norm;
     size_t n_norm;

@@ -704,6 +704,21 @@ static int load_tokenizer_json(struct loader *L, json_t *root)
     if (rc)
         return rc;
     se_tokenizer_t *t = L->tok;
+    if (!t->byte_level_model && t->n_pre == 0) {
+        static const char mark[] = "\xe2\x96\x81";
+        t->sp_word_split = true;
+        for (int32_t id = 0; id < t->n_vocab && t->sp_word_split; id++) {
+            const char *p = t->piece[id];
+            if (!p || t->added[id])
+                continue;
+            for (const char *q = strstr(p, mark); q; q = strstr(q + 3, mark)) {
+                if (q > p && !(q - p >= 3 && memcmp(q - 3, mark, 3) == 0)) {
+                    t->sp_word_split = false;
+                    break;
+                }
+            }
+        }
+    }
     for (int i = 0; i < 324; i++)
         t->unbyte[i] = -1;
     for (unsigned b = 0; b < 256; b++) {
