@@ -104,6 +104,11 @@ static int load_vocab(struct loader *L, json_t *model, json_t *added)
     }
     if (max_id < 0)
         return fail(L, SP_ECORRUPT, "the vocabulary is empty");
+    /* Ids are dense in real files; a stray huge id must not allocate gigabytes. */
+    size_t entries = json_object_size(vocab) + json_array_size(added);
+    if ((size_t)max_id >= entries * 2 + 1024)
+        return fail(L, SP_ECORRUPT, "ids are not dense: id %lld for %zu entries",
+                    (long long)max_id, entries);
     t->n_vocab = (int32_t)(max_id + 1);
     t->piece = calloc((size_t)t->n_vocab, sizeof *t->piece);
     t->piece_len = calloc((size_t)t->n_vocab, sizeof *t->piece_len);
