@@ -51,6 +51,8 @@ struct enc {
 
 static int push_ids(struct enc *e, const int32_t *ids, size_t n)
 {
+    if (n == 0)
+        return 0;
     if (e->n_ids + n > e->cap_ids) {
         size_t cap = e->cap_ids ? e->cap_ids : 256;
         while (cap < e->n_ids + n)
