@@ -123,7 +123,10 @@ static uint32_t cp_before(const char *s, size_t off)
 static bool find_added(const se_tokenizer_t *t, bool normalized, const char *s, size_t from,
                        size_t n, size_t floor, size_t *ms, size_t *me, int32_t *id)
 {
+    uint8_t bit = normalized ? 2 : 1;
     for (size_t i = from; i < n; i++) {
+        if (!(t->added_first[(unsigned char)s[i]] & bit))
+            continue;
         for (size_t k = 0; k < t->n_added; k++) {
             const struct se__added *a = &t->added_tok[k];
             if (a->normalized != normalized || a->len > n - i || a->content[0] != s[i] ||

@@ -107,6 +107,7 @@ struct se_tokenizer {
     /* Added tokens, longest content first (leftmost-longest matching). */
     struct se__added *added_tok;
     size_t n_added;
+    uint8_t added_first[256]; /* bit 0: an unnormalized, bit 1: a normalized token starts so */
 
     /* Post-processor (single sequence): ids before and after the text. */
     int32_t *post_pre, *post_post;

@@ -107,8 +107,8 @@ static int load_vocab(struct loader *L, json_t *model, json_t *added)
     /* Ids are dense in real files; a stray huge id must not allocate gigabytes. */
     size_t entries = json_object_size(vocab) + json_array_size(added);
     if ((size_t)max_id >= entries * 2 + 1024)
-        return fail(L, SP_ECORRUPT, "ids are not dense: id %lld for %zu entries",
-                    (long long)max_id, entries);
+        return fail(L, SP_ECORRUPT, "ids are not dense: id %lld for %zu entries", (long long)max_id,
+                    entries);
     t->n_vocab = (int32_t)(max_id + 1);
     t->piece = calloc((size_t)t->n_vocab, sizeof *t->piece);
     t->piece_len = calloc((size_t)t->n_vocab, sizeof *t->piece_len);
@@ -287,6 +287,9 @@ static int load_model(struct loader *L, json_t *root)
         if (t->piece[id])
             se__strmap_put(&t->vocab, t, id);
     qsort(t->added_tok, t->n_added, sizeof *t->added_tok, cmp_added);
+    for (size_t i = 0; i < t->n_added; i++)
+        t->added_first[(unsigned char)t->added_tok[i].content[0]] |=
+            t->added_tok[i].normalized ? 2 : 1;
 
     t->unk = -1;
     const char *unk = jstr(model, "unk_token");
@@ -359,7 +362,11 @@ static int add_norm(struct loader *L, json_t *n, const char *where)
     } else
         return fail(L, SP_EUNSUPPORTED, "%s type \"%s\" is not supported", where, type);
     struct se__norm *p = realloc(t->norm, (t->n_norm + 1) * sizeof *p);
-    if (!p) {
+    bool missing = (step.kind == SE_NORM_PREPEND && !step.a) ||
+                   (step.kind == SE_NORM_REPLACE && (!step.a || !step.b));
+    if (!p || missing) {
+        if (p)
+            t->norm = p;
         free(step.a);
         free(step.b);
         return SP_ENOMEM;
@@ -504,7 +511,6 @@ static int add_pre(struct loader *L, json_t *n, const char *where)
     } else if (strcmp(type, "Metaspace") == 0) {
         step.kind = SE_PRE_METASPACE;
         const char *rep = jstr(n, "replacement");
-        step.replacement = strdup(rep && *rep ? rep : "\xe2\x96\x81");
         const char *scheme = jstr(n, "prepend_scheme");
         if (!scheme)
             step.prepend =
@@ -518,6 +524,9 @@ static int add_pre(struct loader *L, json_t *n, const char *where)
         else
             return fail(L, SP_ECORRUPT, "%s: unknown prepend_scheme \"%s\"", where, scheme);
         step.split = jbool(n, "split", true);
+        step.replacement = strdup(rep && *rep ? rep : "\xe2\x96\x81");
+        if (!step.replacement)
+            return SP_ENOMEM;
     } else
         return fail(L, SP_EUNSUPPORTED, "%s type \"%s\" is not supported", where, type);
     struct se__pre *p = realloc(t->pre, (t->n_pre + 1) * sizeof *p);
@@ -642,6 +651,8 @@ static int load_decoder_step(struct loader *L, json_t *n, bool *fused)
                         "decoder: only one Replace with a String pattern is supported");
         t->dec_replace_from = strdup(pat);
         t->dec_replace_to = strdup(content);
+        if (!t->dec_replace_from || !t->dec_replace_to)
+            return SP_ENOMEM;
     } else if (strcmp(type, "ByteFallback") == 0) {
         t->dec_byte_fallback = true;
     } else if (strcmp(type, "Fuse") == 0) {
@@ -662,6 +673,8 @@ static int load_decoder_step(struct loader *L, json_t *n, bool *fused)
             return fail(L, SP_EUNSUPPORTED, "decoder: Metaspace combined with Replace");
         t->dec_replace_from = strdup(rep && *rep ? rep : "\xe2\x96\x81");
         t->dec_replace_to = strdup(" ");
+        if (!t->dec_replace_from || !t->dec_replace_to)
+            return SP_ENOMEM;
         t->dec_strip_first =
             scheme ? strcmp(scheme, "never") != 0 : jbool(n, "add_prefix_space", true);
     } else
