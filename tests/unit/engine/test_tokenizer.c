@@ -128,6 +128,8 @@ static char *stream_decode(const se_tokenizer_t *tok, const int32_t *ids, size_t
     return all;
 }
 
+static void check_cases(const se_tokenizer_t *tok, const char *name, json_t *cases);
+
 static void check_model(const char *name)
 {
     char dir[4096], err[1024];
@@ -137,8 +139,14 @@ static void check_model(const char *name)
     if (rc)
         fail_msg("open %s: %s", dir, err);
     json_t *cases = json_object_get(ref, name);
+    assert_true(json_array_size(cases) >= 2000);
+    check_cases(tok, name, cases);
+    se_tokenizer_close(tok);
+}
+
+static void check_cases(const se_tokenizer_t *tok, const char *name, json_t *cases)
+{
     size_t n_cases = json_array_size(cases), bad = 0;
-    assert_true(n_cases >= 2000);
     for (size_t c = 0; c < n_cases; c++) {
         json_t *cs = json_array_get(cases, c);
         size_t len;
@@ -198,8 +206,26 @@ static void check_model(const char *name)
         free(st_skip);
     }
     fprintf(stderr, "[%s] %zu cases, %zu mismatches\n", name, n_cases, bad);
-    se_tokenizer_close(tok);
     assert_int_equal(bad, 0);
+}
+
+/* The fuzz corpus's small tokenizers against the reference. */
+static void test_small_reference(void **state)
+{
+    (void)state;
+    const char *names[] = {"bytelevel", "gpt2", "sentencepiece"};
+    for (size_t i = 0; i < 3; i++) {
+        char path[4096], err[1024];
+        snprintf(path, sizeof path, "%s/tests/fuzz/corpus/tokenizer_json/%s.json",
+                 SPOOL_SOURCE_ROOT, names[i]);
+        se_tokenizer_t *tok = NULL;
+        if (se_tokenizer_open_files(path, NULL, &tok, err, sizeof err))
+            fail_msg("%s", err);
+        json_t *cases = json_object_get(json_object_get(ref, "small"), names[i]);
+        assert_true(json_array_size(cases) >= 300);
+        check_cases(tok, names[i], cases);
+        se_tokenizer_close(tok);
+    }
 }
 
 static void test_qwen3(void **state)
@@ -511,11 +537,9 @@ int main(void)
         return 1;
     }
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_qwen3),
-        cmocka_unit_test(test_llama2),
-        cmocka_unit_test(test_api),
-        cmocka_unit_test(test_errors),
-        cmocka_unit_test(test_small_metaspace),
+        cmocka_unit_test(test_qwen3),  cmocka_unit_test(test_small_reference),
+        cmocka_unit_test(test_llama2), cmocka_unit_test(test_api),
+        cmocka_unit_test(test_errors), cmocka_unit_test(test_small_metaspace),
         cmocka_unit_test(test_chat),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);

