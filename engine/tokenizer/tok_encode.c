@@ -503,7 +503,7 @@ static int bpe_piece(struct enc *e, const char *s, size_t len)
         if (id >= 0)
             return push_ids(e, &id, 1);
     }
-    if (reserve_syms(e, len * 4))
+    if (reserve_syms(e, len + 1)) /* at most one symbol per byte */
         return SP_ENOMEM;
     size_t n = 0;
     if (t->byte_level_model) {
