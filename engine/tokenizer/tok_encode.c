@@ -143,11 +143,10 @@ static bool find_added(const se_tokenizer_t *t, bool normalized, const char *s, 
             size_t start = i;
             if (a->lstrip)
                 while (start > floor && is_ws(cp_before(s, start))) {
-                    size_t cl;
+                    /* Step back over one whole character. */
                     size_t j = start - 1;
                     while (j > floor && ((unsigned char)s[j] & 0xC0) == 0x80)
                         j--;
-                    (void)cl;
                     start = j;
                 }
             if (a->rstrip)

@@ -234,7 +234,7 @@ static int load_merges(struct loader *L, json_t *model)
                       i, (int)(na > 40 ? 40 : na), a, (int)(nb > 40 ? 40 : nb), b,
                       ia < 0   ? (int)(na > 40 ? 40 : na)
                       : ib < 0 ? (int)(nb > 40 ? 40 : nb)
-                               : 80,
+                               : (int)(na + nb > 80 ? 80 : na + nb),
                       ia < 0   ? a
                       : ib < 0 ? b
                                : joined);
