@@ -140,6 +140,16 @@ static void check_model(const char *name)
         fail_msg("open %s: %s", dir, err);
     json_t *cases = json_object_get(ref, name);
     assert_true(json_array_size(cases) >= 2000);
+    /* Invalid UTF-8 must be among the inputs (lossy, as the reference: see tokenizer.h). */
+    size_t invalid = 0;
+    for (size_t i = 0; i < json_array_size(cases); i++) {
+        size_t len;
+        unsigned char *text =
+            unhex(json_string_value(json_object_get(json_array_get(cases, i), "hex")), &len);
+        invalid += !valid_utf8(text, len);
+        free(text);
+    }
+    assert_true(invalid >= 20);
     check_cases(tok, name, cases);
     se_tokenizer_close(tok);
 }
