@@ -1,0 +1,368 @@
+/*
+ * se_sample: penalties, temperature, top-k / top-p / min-p and the seeded
+ * draw, without sorting the vocabulary when it can be avoided.
+ *
+ * Every candidate set the filters can produce is a prefix of one order of the
+ * vocabulary: logit descending, ties to the lower id (top-k keeps a prefix,
+ * top-p keeps a prefix of that, min-p keeps the tokens with p >= min_p * p_max,
+ * again a prefix). Weights are w = exp((double)l - (double)max) in double.
+ * Two ways of working on such a prefix:
+ *
+ * - listed: the candidates are in cand[], sorted (top-k by a bounded heap,
+ *   top-p by sorting only the histogram buckets it needs);
+ * - histogram: with no top-k or top-p, one pass computes every w and files
+ *   each token into one of SE__SAMPLE_NB buckets by (max - l), which orders
+ *   buckets as the tokens are ordered; the draw finds the bucket in which the
+ *   cumulative weight crosses u * total and sorts only that bucket.
+ *
+ * The histogram sums weights bucket by bucket instead of strictly in the
+ * sorted order; the token chosen differs from the sequential definition only
+ * when u * total lies within rounding (about 1e-16 relative) of a cumulative
+ * boundary.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "spool/error.h"
+#include "sample_int.h"
+
+/* Tokens more than this many nats below the maximum share the last bucket. */
+#define RANGE_MAX 40.0f
+
+/* The logits of one draw and what one pass over them found. */
+struct dist {
+    const float *l;
+    size_t n;
+    float max;      /* largest logit */
+    float min;      /* smallest finite logit */
+    int32_t argmax; /* lowest id holding max */
+    double sum;     /* sum over the vocabulary of exp(l - max) */
+};
+
+/* The candidates after the filters. */
+struct cands {
+    bool listed;   /* cand[0..len) holds every candidate, best first, weights in cand_w */
+    size_t len;    /* number of candidates when listed */
+    size_t prefix; /* cand[0..prefix) is the start of the whole vocabulary's order */
+};
+
+se_sampler_t *se_sampler_new(int n_vocab)
+{
+    if (n_vocab <= 0)
+        return NULL;
+    size_t n = (size_t)n_vocab;
+    se_sampler_t *sm = calloc(1, sizeof(*sm));
+    if (!sm)
+        return NULL;
+    sm->n_vocab = n_vocab;
+    sm->count = calloc(n, sizeof(*sm->count));
+    sm->seen = calloc(n, sizeof(*sm->seen));
+    sm->touched = malloc(n * sizeof(*sm->touched));
+    sm->w = malloc(n * sizeof(*sm->w));
+    sm->bucket = malloc(n * sizeof(*sm->bucket));
+    sm->cand = malloc(n * sizeof(*sm->cand));
+    sm->cand_w = malloc(n * sizeof(*sm->cand_w));
+    if (!sm->count || !sm->seen || !sm->touched || !sm->w || !sm->bucket || !sm->cand ||
+        !sm->cand_w) {
+        se_sampler_free(sm);
+        return NULL;
+    }
+    return sm;
+}
+
+void se_sampler_free(se_sampler_t *sm)
+{
+    if (!sm)
+        return;
+    free(sm->count);
+    free(sm->seen);
+    free(sm->touched);
+    free(sm->w);
+    free(sm->bucket);
+    free(sm->cand);
+    free(sm->cand_w);
+    free(sm);
+}
+
+/* Finds max, argmax and the finite min. Returns SP_EBACKEND for NaN or +inf logits, or if all are
+ * -inf. */
+static int scan(struct dist *d)
+{
+    float mx = -INFINITY, mn = INFINITY;
+    size_t am = d->n;
+    bool nan = false;
+    for (size_t i = 0; i < d->n; i++) {
+        float x = d->l[i];
+        nan |= isnan(x);
+        if (x > mx) {
+            mx = x;
+            am = i;
+        }
+        if (x < mn && x > -INFINITY)
+            mn = x;
+    }
+    if (nan || am == d->n || mx == INFINITY)
+        return SP_EBACKEND;
+    d->max = mx;
+    d->min = mn;
+    d->argmax = (int32_t)am;
+    return 0;
+}
+
+static void sum_exp(struct dist *d)
+{
+    double mx = d->max, sum = 0.0;
+    for (size_t i = 0; i < d->n; i++)
+        sum += exp((double)d->l[i] - mx);
+    d->sum = sum;
+}
+
+/*
+ * Computes every weight and files the tokens with w >= cutoff and w > 0 into
+ * buckets (the others get SE__SAMPLE_NO_BUCKET); sets d->sum over all tokens.
+ */
+static void histogram(se_sampler_t *sm, struct dist *d, double cutoff)
+{
+    float range = d->max - d->min;
+    if (!(range <= RANGE_MAX))
+        range = RANGE_MAX;
+    float scale = range > 0.0f ? (float)(SE__SAMPLE_NB - 1) / range : 0.0f;
+    memset(sm->mass, 0, sizeof(sm->mass));
+    memset(sm->nb, 0, sizeof(sm->nb));
+    double mx = d->max, sum = 0.0;
+    for (size_t i = 0; i < d->n; i++) {
+        double w = exp((double)d->l[i] - mx);
+        sum += w;
+        sm->w[i] = w;
+        if (w == 0.0 || w < cutoff) {
+            sm->bucket[i] = SE__SAMPLE_NO_BUCKET;
+            continue;
+        }
+        /* (max - l) * scale is monotone in l, so buckets keep the tokens' order. */
+        float b = (d->max - d->l[i]) * scale;
+        unsigned bi = b < (float)(SE__SAMPLE_NB - 1) ? (unsigned)b : SE__SAMPLE_NB - 1;
+        sm->bucket[i] = (uint16_t)bi;
+        sm->mass[bi] += w;
+        sm->nb[bi]++;
+    }
+    d->sum = sum;
+}
+
+/* Lists the tokens of buckets lo..hi into cand[], sorted, with their weights; returns how many. */
+static size_t gather(se_sampler_t *sm, const struct dist *d, unsigned lo, unsigned hi)
+{
+    size_t g = 0;
+    for (size_t i = 0; i < d->n; i++) {
+        unsigned b = sm->bucket[i];
+        if (b >= lo && b <= hi)
+            sm->cand[g++] = (struct se__cand){d->l[i], (int32_t)i};
+    }
+    qsort(sm->cand, g, sizeof(*sm->cand), se__cand_cmp);
+    for (size_t j = 0; j < g; j++)
+        sm->cand_w[j] = sm->w[sm->cand[j].id];
+    return g;
+}
+
+/* Top-p without top-k: lists the smallest prefix whose weight reaches target, sorting only the
+ * buckets it spans. */
+static void top_p_histogram(se_sampler_t *sm, const struct dist *d, double target, struct cands *c)
+{
+    double cum = 0.0;
+    unsigned b;
+    for (b = 0; b < SE__SAMPLE_NB - 1; b++) {
+        cum += sm->mass[b];
+        if (cum >= target)
+            break;
+    }
+    for (;;) {
+        size_t g = gather(sm, d, 0, b), j;
+        double acc = 0.0;
+        for (j = 0; j < g; j++) {
+            acc += sm->cand_w[j];
+            if (acc >= target)
+                break;
+        }
+        if (j < g || b == SE__SAMPLE_NB - 1) {
+            /* Rounding can leave the sorted sum just short of the bucket sums: take one bucket
+             * more. */
+            c->listed = true;
+            c->len = j < g ? j + 1 : g;
+            c->prefix = g;
+            return;
+        }
+        do
+            b++;
+        while (b < SE__SAMPLE_NB - 1 && sm->nb[b] == 0);
+    }
+}
+
+static void select_candidates(se_sampler_t *sm, const struct se_sampling *s, struct dist *d,
+                              struct cands *c)
+{
+    size_t k = s->top_k > 0 && (size_t)s->top_k < d->n ? (size_t)s->top_k : 0;
+    bool top_p = s->top_p < 1.0f;
+    double min_p = s->min_p > 0.0f ? (double)s->min_p : 0.0;
+
+    if (k > 0) {
+        sum_exp(d);
+        se__top_k(d->l, d->n, k, sm->cand);
+        for (size_t j = 0; j < k; j++)
+            sm->cand_w[j] = exp((double)sm->cand[j].logit - (double)d->max);
+        c->listed = true;
+        c->len = c->prefix = k;
+        if (top_p) {
+            /* Top-p over the top-k distribution, renormalised (as Hugging Face and vLLM). */
+            double total = 0.0, acc = 0.0;
+            for (size_t j = 0; j < k; j++)
+                total += sm->cand_w[j];
+            double target = (double)s->top_p * total;
+            size_t j;
+            for (j = 0; j < k - 1; j++) {
+                acc += sm->cand_w[j];
+                if (acc >= target)
+                    break;
+            }
+            c->len = j + 1;
+        }
+    } else if (top_p) {
+        histogram(sm, d, 0.0);
+        top_p_histogram(sm, d, (double)s->top_p * d->sum, c);
+    } else {
+        /* Min-p alone is applied by leaving the dropped tokens out of the buckets. */
+        histogram(sm, d, min_p);
+        c->listed = false;
+        c->len = c->prefix = 0;
+        return;
+    }
+    if (min_p > 0.0) {
+        double thr = min_p * sm->cand_w[0];
+        size_t j = 1;
+        while (j < c->len && sm->cand_w[j] >= thr)
+            j++;
+        c->len = j;
+    }
+    while (c->len > 1 && sm->cand_w[c->len - 1] == 0.0)
+        c->len--;
+}
+
+static int32_t draw_listed(const se_sampler_t *sm, size_t len, double u)
+{
+    double total = 0.0, cum = 0.0;
+    for (size_t j = 0; j < len; j++)
+        total += sm->cand_w[j];
+    double target = u * total;
+    for (size_t j = 0; j < len; j++) {
+        cum += sm->cand_w[j];
+        if (cum > target)
+            return sm->cand[j].id;
+    }
+    return sm->cand[len - 1].id;
+}
+
+static int32_t draw_histogram(se_sampler_t *sm, const struct dist *d, double u)
+{
+    double total = 0.0, cum = 0.0;
+    unsigned last = 0;
+    for (unsigned b = 0; b < SE__SAMPLE_NB; b++) {
+        total += sm->mass[b];
+        if (sm->nb[b])
+            last = b;
+    }
+    double target = u * total;
+    for (unsigned b = 0; b <= last; b++) {
+        if (!sm->nb[b])
+            continue;
+        if (b != last && cum + sm->mass[b] <= target) {
+            cum += sm->mass[b];
+            continue;
+        }
+        size_t g = gather(sm, d, b, b);
+        for (size_t j = 0; j < g; j++) {
+            cum += sm->cand_w[j];
+            if (cum > target)
+                return sm->cand[j].id;
+        }
+        if (b == last)
+            return sm->cand[g - 1].id;
+    }
+    return d->argmax; /* not reached: the last bucket always returns */
+}
+
+/* Fills out with tok, its log-probability and the top alternatives under d's distribution. */
+static void report(se_sampler_t *sm, const struct se_sampling *s, const struct dist *d,
+                   const struct cands *c, int32_t tok, struct se_sample_result *out)
+{
+    double lse = (double)d->max + log(d->sum);
+    out->token = tok;
+    out->logprob = (float)((double)d->l[tok] - lse);
+    size_t n_top = s->logprobs > 0 ? (size_t)s->logprobs : 0;
+    if (n_top > SE_MAX_LOGPROBS)
+        n_top = SE_MAX_LOGPROBS;
+    if (n_top > d->n)
+        n_top = d->n;
+    out->n_top = (int)n_top;
+    if (n_top == 0)
+        return;
+    struct se__cand buf[SE_MAX_LOGPROBS];
+    const struct se__cand *top = buf;
+    if (c && c->listed && c->prefix >= n_top)
+        top = sm->cand;
+    else
+        se__top_k(d->l, d->n, n_top, buf);
+    for (size_t j = 0; j < n_top; j++) {
+        out->top_ids[j] = top[j].id;
+        out->top_logprobs[j] = (float)((double)top[j].logit - lse);
+    }
+}
+
+int se_sample(se_sampler_t *sm, const struct se_sampling *s, float *logits, const int32_t *prompt,
+              size_t n_prompt, const int32_t *generated, size_t n_generated,
+              struct se_sample_result *out)
+{
+    if (!sm || !s || !logits || !out || !(s->temperature >= 0.0f))
+        return SP_EINVAL;
+    int rc = se__sample_penalize(sm, s, logits, prompt, n_prompt, generated, n_generated);
+    if (rc < 0)
+        return rc;
+    memset(out, 0, sizeof(*out));
+    struct dist d = {.l = logits, .n = (size_t)sm->n_vocab};
+
+    if (s->temperature == 0.0f) {
+        /* Greedy; log-probabilities from the penalised distribution at temperature 1. */
+        if ((rc = scan(&d)) < 0)
+            return rc;
+        sum_exp(&d);
+        report(sm, s, &d, NULL, d.argmax, out);
+        return 0;
+    }
+    if (s->temperature != 1.0f) {
+        const float t = s->temperature;
+        for (size_t i = 0; i < d.n; i++)
+            logits[i] = logits[i] / t;
+    }
+    if ((rc = scan(&d)) < 0)
+        return rc;
+    struct cands c;
+    select_candidates(sm, s, &d, &c);
+    double u = se_sample_uniform(s->seed, (uint64_t)(n_prompt + n_generated));
+    int32_t tok = c.listed ? draw_listed(sm, c.len, u) : draw_histogram(sm, &d, u);
+    report(sm, s, &d, &c, tok, out);
+    return 0;
+}
+
+long se__sample_filter(se_sampler_t *sm, const struct se_sampling *s, const float *logits,
+                       int32_t *ids, size_t cap)
+{
+    struct dist d = {.l = logits, .n = (size_t)sm->n_vocab};
+    int rc = scan(&d);
+    if (rc < 0)
+        return rc;
+    struct cands c;
+    select_candidates(sm, s, &d, &c);
+    if (!c.listed)
+        c.len = gather(sm, &d, 0, SE__SAMPLE_NB - 1);
+    for (size_t j = 0; j < c.len && j < cap; j++)
+        ids[j] = sm->cand[j].id;
+    return (long)c.len;
+}
