@@ -30,7 +30,7 @@ struct se_sampler {
     uint8_t *seen;    /* (n_vocab) 1 while the token is on the touched list */
     int32_t *touched; /* (n_vocab) distinct tokens of the history */
     /* Draw scratch. */
-    double *w;                  /* (n_vocab) exp(l - max) per token id (histogram path) */
+    double *w;                  /* (n_vocab) exp(l - max) per token id */
     uint16_t *bucket;           /* (n_vocab) histogram bucket per token id */
     struct se__cand *cand;      /* (n_vocab) candidate list, best first */
     double *cand_w;             /* (n_vocab) exp(l - max) of cand[j] */
@@ -59,6 +59,12 @@ int se__sample_penalize(se_sampler_t *sm, const struct se_sampling *s, float *lo
  */
 long se__sample_filter(se_sampler_t *sm, const struct se_sampling *s, const float *logits,
                        int32_t *ids, size_t cap);
+
+/*
+ * Sets w[i] = exp((double)logits[i] - max) for i < n (0 for -inf logits). The
+ * only exp over the whole vocabulary; vectorised where the compiler allows.
+ */
+void se__sample_weights(const float *restrict logits, size_t n, double max, double *restrict w);
 
 /* Orders a before b when a is more probable, or equally probable with a lower id (for qsort). */
 int se__cand_cmp(const void *a, const void *b);

@@ -110,11 +110,13 @@ static int scan(struct dist *d)
     return 0;
 }
 
-static void sum_exp(struct dist *d)
+/* Computes every token's weight into sm->w and their sum. */
+static void weigh(se_sampler_t *sm, struct dist *d)
 {
-    double mx = d->max, sum = 0.0;
+    se__sample_weights(d->l, d->n, (double)d->max, sm->w);
+    double sum = 0.0;
     for (size_t i = 0; i < d->n; i++)
-        sum += exp((double)d->l[i] - mx);
+        sum += sm->w[i];
     d->sum = sum;
 }
 
@@ -124,17 +126,15 @@ static void sum_exp(struct dist *d)
  */
 static void histogram(se_sampler_t *sm, struct dist *d, double cutoff)
 {
+    weigh(sm, d);
     float range = d->max - d->min;
     if (!(range <= RANGE_MAX))
         range = RANGE_MAX;
     float scale = range > 0.0f ? (float)(SE__SAMPLE_NB - 1) / range : 0.0f;
     memset(sm->mass, 0, sizeof(sm->mass));
     memset(sm->nb, 0, sizeof(sm->nb));
-    double mx = d->max, sum = 0.0;
     for (size_t i = 0; i < d->n; i++) {
-        double w = exp((double)d->l[i] - mx);
-        sum += w;
-        sm->w[i] = w;
+        double w = sm->w[i];
         if (w == 0.0 || w < cutoff) {
             sm->bucket[i] = SE__SAMPLE_NO_BUCKET;
             continue;
@@ -146,7 +146,6 @@ static void histogram(se_sampler_t *sm, struct dist *d, double cutoff)
         sm->mass[bi] += w;
         sm->nb[bi]++;
     }
-    d->sum = sum;
 }
 
 /* Lists the tokens of buckets lo..hi into cand[], sorted, with their weights; returns how many. */
@@ -205,10 +204,10 @@ static void select_candidates(se_sampler_t *sm, const struct se_sampling *s, str
     double min_p = s->min_p > 0.0f ? (double)s->min_p : 0.0;
 
     if (k > 0) {
-        sum_exp(d);
+        weigh(sm, d);
         se__top_k(d->l, d->n, k, sm->cand);
         for (size_t j = 0; j < k; j++)
-            sm->cand_w[j] = exp((double)sm->cand[j].logit - (double)d->max);
+            sm->cand_w[j] = sm->w[sm->cand[j].id];
         c->listed = true;
         c->len = c->prefix = k;
         if (top_p) {
@@ -332,7 +331,7 @@ int se_sample(se_sampler_t *sm, const struct se_sampling *s, float *logits, cons
         /* Greedy; log-probabilities from the penalised distribution at temperature 1. */
         if ((rc = scan(&d)) < 0)
             return rc;
-        sum_exp(&d);
+        weigh(sm, &d);
         report(sm, s, &d, NULL, d.argmax, out);
         return 0;
     }
