@@ -33,6 +33,7 @@ struct se_sampler {
     double *w;                  /* (n_vocab) exp(l - max) per token id */
     uint16_t *bucket;           /* (n_vocab) histogram bucket per token id */
     struct se__cand *cand;      /* (n_vocab) candidate list, best first */
+    struct se__cand *tmp;       /* (n_vocab) merge space for sorting cand */
     double *cand_w;             /* (n_vocab) exp(l - max) of cand[j] */
     double mass[SE__SAMPLE_NB]; /* sum of w per bucket, candidates only */
     uint32_t nb[SE__SAMPLE_NB]; /* candidates per bucket */
@@ -66,8 +67,14 @@ long se__sample_filter(se_sampler_t *sm, const struct se_sampling *s, const floa
  */
 void se__sample_weights(const float *restrict logits, size_t n, double max, double *restrict w);
 
-/* Orders a before b when a is more probable, or equally probable with a lower id (for qsort). */
+/* Orders a before b when a is more probable, or equally probable with a lower id (qsort order). */
 int se__cand_cmp(const void *a, const void *b);
+
+/*
+ * Sorts a[0..n) best first (higher logit, then lower id) using tmp (n
+ * entries) as merge space; allocates nothing. O(n log n).
+ */
+void se__cand_sort(struct se__cand *a, size_t n, struct se__cand *tmp);
 
 /*
  * Selects the k best of logits[0..n) (higher logit first, ties to the lower

@@ -62,8 +62,9 @@ se_sampler_t *se_sampler_new(int n_vocab)
     sm->w = malloc(n * sizeof(*sm->w));
     sm->bucket = malloc(n * sizeof(*sm->bucket));
     sm->cand = malloc(n * sizeof(*sm->cand));
+    sm->tmp = malloc(n * sizeof(*sm->tmp));
     sm->cand_w = malloc(n * sizeof(*sm->cand_w));
-    if (!sm->count || !sm->seen || !sm->touched || !sm->w || !sm->bucket || !sm->cand ||
+    if (!sm->count || !sm->seen || !sm->touched || !sm->w || !sm->bucket || !sm->cand || !sm->tmp ||
         !sm->cand_w) {
         se_sampler_free(sm);
         return NULL;
@@ -81,6 +82,7 @@ void se_sampler_free(se_sampler_t *sm)
     free(sm->w);
     free(sm->bucket);
     free(sm->cand);
+    free(sm->tmp);
     free(sm->cand_w);
     free(sm);
 }
@@ -157,7 +159,7 @@ static size_t gather(se_sampler_t *sm, const struct dist *d, unsigned lo, unsign
         if (b >= lo && b <= hi)
             sm->cand[g++] = (struct se__cand){d->l[i], (int32_t)i};
     }
-    qsort(sm->cand, g, sizeof(*sm->cand), se__cand_cmp);
+    se__cand_sort(sm->cand, g, sm->tmp);
     for (size_t j = 0; j < g; j++)
         sm->cand_w[j] = sm->w[sm->cand[j].id];
     return g;

@@ -3,9 +3,10 @@
  * bounded heap whose root is the worst kept candidate. Scanning ids upwards,
  * a later id with a logit equal to the root's is worse (ties go to the lower
  * id), so only a strictly greater logit displaces the root and most tokens
- * cost one comparison.
+ * cost one comparison. Sorting never allocates (glibc's qsort may call
+ * malloc for a merge buffer), so that se_sample allocates nothing per token.
  */
-#include <stdlib.h>
+#include <string.h>
 
 #include "sample_int.h"
 
@@ -53,5 +54,53 @@ void se__top_k(const float *logits, size_t n, size_t k, struct se__cand *out)
             sift_down(out, k, 0);
         }
     }
-    qsort(out, k, sizeof(*out), se__cand_cmp);
+    /* Heapsort in place: moving the worst to the end, one at a time, leaves the best first. */
+    for (size_t end = k; end > 1; end--) {
+        struct se__cand t = out[0];
+        out[0] = out[end - 1];
+        out[end - 1] = t;
+        sift_down(out, end - 1, 0);
+    }
+}
+
+/* Insertion sort of short runs, before merging. */
+#define RUN 16
+
+static inline bool before(const struct se__cand *a, const struct se__cand *b)
+{
+    return worse(b, a);
+}
+
+void se__cand_sort(struct se__cand *a, size_t n, struct se__cand *tmp)
+{
+    for (size_t lo = 0; lo < n; lo += RUN) {
+        size_t hi = lo + RUN < n ? lo + RUN : n;
+        for (size_t i = lo + 1; i < hi; i++) {
+            struct se__cand x = a[i];
+            size_t j = i;
+            for (; j > lo && before(&x, &a[j - 1]); j--)
+                a[j] = a[j - 1];
+            a[j] = x;
+        }
+    }
+    /* Bottom-up merges, alternating between a and tmp. */
+    struct se__cand *src = a, *dst = tmp;
+    for (size_t width = RUN; width < n; width *= 2) {
+        for (size_t lo = 0; lo < n; lo += 2 * width) {
+            size_t mid = lo + width < n ? lo + width : n,
+                   hi = lo + 2 * width < n ? lo + 2 * width : n;
+            size_t i = lo, j = mid, o = lo;
+            while (i < mid && j < hi)
+                dst[o++] = before(&src[j], &src[i]) ? src[j++] : src[i++];
+            while (i < mid)
+                dst[o++] = src[i++];
+            while (j < hi)
+                dst[o++] = src[j++];
+        }
+        struct se__cand *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != a)
+        memcpy(a, src, n * sizeof(*a));
 }

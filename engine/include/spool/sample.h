@@ -70,7 +70,7 @@ struct se_sample_result {
 /*
  * Scratch space for sampling over a vocabulary of n_vocab; one per thread
  * (a sampler is not thread-safe, but holds no state between calls, so any
- * sampler may serve any sequence). Allocated once, about 27 bytes per
+ * sampler may serve any sequence). Allocated once, about 43 bytes per
  * vocabulary entry, so that sampling allocates nothing per token.
  * se_sampler_new returns NULL when n_vocab <= 0 or memory is short; the caller
  * frees it with se_sampler_free (NULL is allowed).

@@ -87,6 +87,42 @@ static void uniform_golden(void **state)
     }
 }
 
+/* The allocation-free sort and top-k selection order exactly as qsort with se__cand_cmp does. */
+static void sort_and_top_k_match_qsort(void **state)
+{
+    (void)state;
+    enum { N = 5000 };
+    struct se__cand *a = malloc(N * sizeof(*a)), *b = malloc(N * sizeof(*b)),
+                    *tmp = malloc(N * sizeof(*tmp));
+    float *l = malloc(N * sizeof(float));
+    static const size_t sizes[] = {0, 1, 2, 15, 16, 17, 33, 100, 1000, N};
+    for (size_t t = 0; t < sizeof(sizes) / sizeof(sizes[0]); t++) {
+        size_t n = sizes[t];
+        /* Few distinct values, so that many ties need the id rule. */
+        test_rng = 1000 + n;
+        for (size_t i = 0; i < n; i++) {
+            l[i] = (float)(int)(test_uniform() * 20.0) - 10.0f;
+            a[i] = b[i] = (struct se__cand){l[i], (int32_t)(n - 1 - i)};
+        }
+        se__cand_sort(a, n, tmp);
+        qsort(b, n, sizeof(*b), se__cand_cmp);
+        assert_memory_equal(a, b, n * sizeof(*a));
+        static const size_t ks[] = {1, 5, 64, 999};
+        for (size_t j = 0; j < 4 && n > 0; j++) {
+            size_t k = ks[j] < n ? ks[j] : n;
+            for (size_t i = 0; i < n; i++)
+                b[i] = (struct se__cand){l[i], (int32_t)i};
+            qsort(b, n, sizeof(*b), se__cand_cmp);
+            se__top_k(l, n, k, a);
+            assert_memory_equal(a, b, k * sizeof(*a));
+        }
+    }
+    free(a);
+    free(b);
+    free(tmp);
+    free(l);
+}
+
 static void greedy_argmax_lowest_id(void **state)
 {
     (void)state;
@@ -775,6 +811,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(uniform_golden),
+        cmocka_unit_test(sort_and_top_k_match_qsort),
         cmocka_unit_test(greedy_argmax_lowest_id),
         cmocka_unit_test(frequencies_match_softmax),
         cmocka_unit_test(filters_keep_expected_sets),
