@@ -19,6 +19,57 @@
 #include "spool/sample.h"
 #include "../../../engine/sample/sample_int.h"
 
+/*
+ * Counting allocations. Under AddressSanitizer, through its malloc hook;
+ * otherwise this executable's malloc, calloc and realloc replace the C
+ * library's and forward to glibc's own entry points.
+ */
+static long n_allocs;
+#if defined(__SANITIZE_ADDRESS__)
+#define COUNT_ALLOCS 1
+int __sanitizer_install_malloc_and_free_hooks(void (*malloc_hook)(const volatile void *, size_t),
+                                              void (*free_hook)(const volatile void *));
+static void count_malloc(const volatile void *p, size_t n)
+{
+    (void)p;
+    (void)n;
+    n_allocs++;
+}
+static void count_free(const volatile void *p)
+{
+    (void)p;
+}
+static void count_allocs_init(void)
+{
+    static int installed;
+    /* Both hooks are required; installing again would count twice. */
+    if (!installed)
+        installed = __sanitizer_install_malloc_and_free_hooks(count_malloc, count_free);
+    assert_true(installed > 0);
+}
+#elif defined(__GLIBC__)
+#define COUNT_ALLOCS 1
+extern void *__libc_malloc(size_t n);
+extern void *__libc_calloc(size_t n, size_t size);
+extern void *__libc_realloc(void *p, size_t n);
+void *malloc(size_t n)
+{
+    n_allocs++;
+    return __libc_malloc(n);
+}
+void *calloc(size_t n, size_t size)
+{
+    n_allocs++;
+    return __libc_calloc(n, size);
+}
+void *realloc(void *p, size_t n)
+{
+    n_allocs++;
+    return __libc_realloc(p, n);
+}
+static void count_allocs_init(void) {}
+#endif
+
 /* A small deterministic generator for test data (not the sampler's RNG). */
 static uint64_t test_rng = 1;
 static double test_uniform(void)
@@ -121,6 +172,56 @@ static void sort_and_top_k_match_qsort(void **state)
     free(b);
     free(tmp);
     free(l);
+}
+
+/* se_sample allocates nothing once its sampler exists, on a Qwen-sized vocabulary, in every mode.
+ */
+static void no_allocation_per_token(void **state)
+{
+    (void)state;
+#ifdef COUNT_ALLOCS
+    enum { NV = 151936 };
+    float *base = malloc(NV * sizeof(float)), *l = malloc(NV * sizeof(float));
+    int32_t hist[64];
+    for (int i = 0; i < 64; i++)
+        hist[i] = i * 1000;
+    /* A flat bulk, so that top-p and the draw have large buckets to sort. */
+    random_logits(base, NV, 3.0, 21);
+    se_sampler_t *sm = se_sampler_new(NV);
+    struct se_sampling s;
+    struct se_sample_result r;
+    static const struct {
+        float t, top_p, min_p, rep;
+        int top_k, logprobs;
+    } modes[] = {
+        {0.0f, 1.0f, 0.0f, 1.0f, 0, 5},    {1.0f, 1.0f, 0.0f, 1.0f, 0, 0},
+        {0.8f, 0.95f, 0.0f, 1.1f, 0, 20},  {1.2f, 1.0f, 0.05f, 1.0f, 0, 1},
+        {0.7f, 0.9f, 0.1f, 1.3f, 5000, 3},
+    };
+    count_allocs_init();
+    long before = n_allocs;
+    for (size_t m = 0; m < sizeof(modes) / sizeof(modes[0]); m++) {
+        se_sampling_default(&s);
+        s.temperature = modes[m].t;
+        s.top_p = modes[m].top_p;
+        s.min_p = modes[m].min_p;
+        s.repetition_penalty = modes[m].rep;
+        s.frequency_penalty = 0.5f;
+        s.top_k = modes[m].top_k;
+        s.logprobs = modes[m].logprobs;
+        for (uint64_t seed = 0; seed < 3; seed++) {
+            s.seed = seed;
+            memcpy(l, base, NV * sizeof(float));
+            assert_int_equal(se_sample(sm, &s, l, hist, 32, hist + 32, 32, &r), 0);
+        }
+    }
+    assert_int_equal(n_allocs - before, 0);
+    se_sampler_free(sm);
+    free(base);
+    free(l);
+#else
+    skip();
+#endif
 }
 
 static void greedy_argmax_lowest_id(void **state)
@@ -812,6 +913,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(uniform_golden),
         cmocka_unit_test(sort_and_top_k_match_qsort),
+        cmocka_unit_test(no_allocation_per_token),
         cmocka_unit_test(greedy_argmax_lowest_id),
         cmocka_unit_test(frequencies_match_softmax),
         cmocka_unit_test(filters_keep_expected_sets),
