@@ -30,13 +30,13 @@ struct se_sampler {
     uint8_t *seen;    /* (n_vocab) 1 while the token is on the touched list */
     int32_t *touched; /* (n_vocab) distinct tokens of the history */
     /* Draw scratch. */
-    double *w;                  /* (n_vocab) exp(l - max) per token id */
-    uint16_t *bucket;           /* (n_vocab) histogram bucket per token id */
-    struct se__cand *cand;      /* (n_vocab) candidate list, best first */
-    struct se__cand *tmp;       /* (n_vocab) merge space for sorting cand */
-    double *cand_w;             /* (n_vocab) exp(l - max) of cand[j] */
-    double mass[SE__SAMPLE_NB]; /* sum of w per bucket, candidates only */
-    uint32_t nb[SE__SAMPLE_NB]; /* candidates per bucket */
+    double *w;                   /* (n_vocab) exp(l - max) per token id */
+    uint16_t *bucket;            /* (n_vocab) histogram bucket per token id */
+    struct se__cand *cand;       /* (n_vocab) candidate list, best first */
+    struct se__cand *tmp;        /* (n_vocab) merge space for sorting cand */
+    double *cand_w;              /* (n_vocab) exp(l - max) of cand[j] */
+    double mass[SE__SAMPLE_NB];  /* sum of w per bucket, candidates only (> 0 iff not empty) */
+    double mass2[SE__SAMPLE_NB]; /* the odd ids' part of mass, while it is summed */
 };
 
 /* The splitmix64 finaliser (Steele, Lea, Flood 2014), as defined in docs/architecture.md. */

@@ -116,10 +116,18 @@ static int scan(struct dist *d)
 static void weigh(se_sampler_t *sm, struct dist *d)
 {
     se__sample_weights(d->l, d->n, (double)d->max, sm->w);
-    double sum = 0.0;
-    for (size_t i = 0; i < d->n; i++)
-        sum += sm->w[i];
-    d->sum = sum;
+    /* Four partial sums: one chain of dependent additions would cost 4 cycles an entry. */
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    size_t i = 0;
+    for (; i + 4 <= d->n; i += 4) {
+        s0 += sm->w[i];
+        s1 += sm->w[i + 1];
+        s2 += sm->w[i + 2];
+        s3 += sm->w[i + 3];
+    }
+    for (; i < d->n; i++)
+        s0 += sm->w[i];
+    d->sum = (s0 + s1) + (s2 + s3);
 }
 
 /*
@@ -133,8 +141,10 @@ static void histogram(se_sampler_t *sm, struct dist *d, double cutoff)
     if (!(range <= RANGE_MAX))
         range = RANGE_MAX;
     float scale = range > 0.0f ? (float)(SE__SAMPLE_NB - 1) / range : 0.0f;
+    /* Two sets of sums, for even and odd ids, so that neighbours in the same
+     * bucket do not wait on each other's store; added up in a fixed order. */
     memset(sm->mass, 0, sizeof(sm->mass));
-    memset(sm->nb, 0, sizeof(sm->nb));
+    memset(sm->mass2, 0, sizeof(sm->mass2));
     for (size_t i = 0; i < d->n; i++) {
         double w = sm->w[i];
         if (w == 0.0 || w < cutoff) {
@@ -145,9 +155,13 @@ static void histogram(se_sampler_t *sm, struct dist *d, double cutoff)
         float b = (d->max - d->l[i]) * scale;
         unsigned bi = b < (float)(SE__SAMPLE_NB - 1) ? (unsigned)b : SE__SAMPLE_NB - 1;
         sm->bucket[i] = (uint16_t)bi;
-        sm->mass[bi] += w;
-        sm->nb[bi]++;
+        if (i & 1)
+            sm->mass2[bi] += w;
+        else
+            sm->mass[bi] += w;
     }
+    for (unsigned b = 0; b < SE__SAMPLE_NB; b++)
+        sm->mass[b] += sm->mass2[b];
 }
 
 /* Lists the tokens of buckets lo..hi into cand[], sorted, with their weights; returns how many. */
@@ -194,7 +208,7 @@ static void top_p_histogram(se_sampler_t *sm, const struct dist *d, double targe
         }
         do
             b++;
-        while (b < SE__SAMPLE_NB - 1 && sm->nb[b] == 0);
+        while (b < SE__SAMPLE_NB - 1 && sm->mass[b] == 0.0);
     }
 }
 
@@ -267,12 +281,12 @@ static int32_t draw_histogram(se_sampler_t *sm, const struct dist *d, double u)
     unsigned last = 0;
     for (unsigned b = 0; b < SE__SAMPLE_NB; b++) {
         total += sm->mass[b];
-        if (sm->nb[b])
+        if (sm->mass[b] > 0.0)
             last = b;
     }
     double target = u * total;
     for (unsigned b = 0; b <= last; b++) {
-        if (!sm->nb[b])
+        if (sm->mass[b] == 0.0)
             continue;
         if (b != last && cum + sm->mass[b] <= target) {
             cum += sm->mass[b];

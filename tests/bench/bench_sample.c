@@ -5,7 +5,8 @@
  * (what the sampler avoids), and the machine's memory bandwidth with the
  * token rate that a single read of the logits would allow.
  *
- *   build/tests/bench_sample [seconds per configuration, default 1]
+ *   build/tests/bench_sample [seconds per configuration, default 1] [only configurations
+ *                            whose name contains this]
  */
 #include <math.h>
 #include <stdint.h>
@@ -49,6 +50,7 @@ static int cmp_float_desc(const void *pa, const void *pb)
 int main(int argc, char **argv)
 {
     double secs = argc > 1 ? atof(argv[1]) : 1.0;
+    const char *only = argc > 2 ? argv[2] : NULL;
     float *base = malloc(N_VOCAB * sizeof(float)), *l = malloc(N_VOCAB * sizeof(float));
     int32_t *hist = malloc(1024 * sizeof(int32_t));
     se_sampler_t *sm = se_sampler_new(N_VOCAB);
@@ -83,6 +85,8 @@ int main(int argc, char **argv)
 
     for (size_t c = 0; c < sizeof(configs) / sizeof(configs[0]); c++) {
         const struct config *cf = &configs[c];
+        if (only && !strstr(cf->name, only))
+            continue;
         struct se_sampling s;
         se_sampling_default(&s);
         s.temperature = cf->temperature;
