@@ -5,6 +5,7 @@
 #ifndef SPOOL_SAMPLE_INT_H
 #define SPOOL_SAMPLE_INT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -66,6 +67,15 @@ long se__sample_filter(se_sampler_t *sm, const struct se_sampling *s, const floa
  * only exp over the whole vocabulary; vectorised where the compiler allows.
  */
 void se__sample_weights(const float *restrict logits, size_t n, double max, double *restrict w);
+
+/*
+ * One vectorised pass: *max = the largest logit, *min_finite = the smallest
+ * one above -inf (+inf when none); returns true if any logit is NaN.
+ */
+bool se__sample_range(const float *restrict logits, size_t n, float *max, float *min_finite);
+
+/* logits[i] = logits[i] / temperature, vectorised. */
+void se__sample_scale(float *logits, size_t n, float temperature);
 
 /* Orders a before b when a is more probable, or equally probable with a lower id (qsort order). */
 int se__cand_cmp(const void *a, const void *b);

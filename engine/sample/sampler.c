@@ -8,17 +8,20 @@
  * again a prefix). Weights are w = exp((double)l - (double)max) in double.
  * Two ways of working on such a prefix:
  *
- * - listed: the candidates are in cand[], sorted (top-k by a bounded heap,
- *   top-p by sorting only the histogram buckets it needs);
- * - histogram: with no top-k or top-p, one pass computes every w and files
- *   each token into one of SE__SAMPLE_NB buckets by (max - l), which orders
- *   buckets as the tokens are ordered; the draw finds the bucket in which the
- *   cumulative weight crosses u * total and sorts only that bucket.
+ * - listed: the candidates are in cand[], sorted (top-k by a bounded heap;
+ *   top-p and min-p from the head, or from the histogram buckets they need);
+ * - head: the tokens within HEAD_NATS of the maximum, listed and sorted
+ *   (usually a handful); the draw walks them first and most draws end there;
+ * - histogram: one pass files each token into one of SE__SAMPLE_NB buckets
+ *   by (max - l), which orders buckets as the tokens are ordered; the draw
+ *   finds the bucket in which the cumulative weight crosses u * total and
+ *   sorts only that bucket. Built only when the head does not suffice.
  *
- * The histogram sums weights bucket by bucket instead of strictly in the
- * sorted order; the token chosen differs from the sequential definition only
- * when u * total lies within rounding (about 1e-16 relative) of a cumulative
- * boundary.
+ * Totals are summed in index order (four partial sums) and the histogram sums
+ * bucket by bucket, not strictly in the sorted order; the token chosen
+ * differs from the sequential definition only when u * total lies within
+ * rounding (about 1e-16 relative) of a cumulative boundary. Which path runs
+ * is a function of the inputs alone, so results stay deterministic.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -29,6 +32,15 @@
 
 /* Tokens more than this many nats below the maximum share the last bucket. */
 #define RANGE_MAX 40.0f
+/*
+ * Most draws land among the few tokens near the maximum: those within
+ * HEAD_NATS of it (at most HEAD_MAX of them) are listed first, and the
+ * histogram is built only when the draw, or top-p, needs more.
+ */
+#define HEAD_NATS 9.0f
+#define HEAD_MAX  1024
+/* min-p at or above this (> exp(-HEAD_NATS)) keeps only head tokens. */
+#define HEAD_MIN_P 2e-4
 
 /* The logits of one draw and what one pass over them found. */
 struct dist {
@@ -44,6 +56,7 @@ struct dist {
 struct cands {
     bool listed;   /* cand[0..len) holds every candidate, best first, weights in cand_w */
     size_t len;    /* number of candidates when listed */
+    size_t head;   /* not listed: cand[0..head) holds the head, buckets not yet filed */
     size_t prefix; /* cand[0..prefix) is the start of the whole vocabulary's order */
 };
 
@@ -87,25 +100,18 @@ void se_sampler_free(se_sampler_t *sm)
     free(sm);
 }
 
-/* Finds max, argmax and the finite min. Returns SP_EBACKEND for NaN or +inf logits, or if all are
- * -inf. */
+/*
+ * Finds max, its lowest id and the finite min. Returns SP_EBACKEND for NaN or
+ * +inf logits, or if all are -inf.
+ */
 static int scan(struct dist *d)
 {
-    float mx = -INFINITY, mn = INFINITY;
-    size_t am = d->n;
-    bool nan = false;
-    for (size_t i = 0; i < d->n; i++) {
-        float x = d->l[i];
-        nan |= isnan(x);
-        if (x > mx) {
-            mx = x;
-            am = i;
-        }
-        if (x < mn && x > -INFINITY)
-            mn = x;
-    }
-    if (nan || am == d->n || mx == INFINITY)
+    float mx, mn;
+    if (se__sample_range(d->l, d->n, &mx, &mn) || mx == INFINITY || mx == -INFINITY)
         return SP_EBACKEND;
+    size_t am = 0;
+    while (d->l[am] != mx)
+        am++;
     d->max = mx;
     d->min = mn;
     d->argmax = (int32_t)am;
@@ -131,12 +137,11 @@ static void weigh(se_sampler_t *sm, struct dist *d)
 }
 
 /*
- * Computes every weight and files the tokens with w >= cutoff and w > 0 into
- * buckets (the others get SE__SAMPLE_NO_BUCKET); sets d->sum over all tokens.
+ * Files the tokens with w >= cutoff and w > 0 into buckets (the others get
+ * SE__SAMPLE_NO_BUCKET), after weigh.
  */
-static void histogram(se_sampler_t *sm, struct dist *d, double cutoff)
+static void file_buckets(se_sampler_t *sm, const struct dist *d, double cutoff)
 {
-    weigh(sm, d);
     float range = d->max - d->min;
     if (!(range <= RANGE_MAX))
         range = RANGE_MAX;
@@ -172,6 +177,29 @@ static size_t gather(se_sampler_t *sm, const struct dist *d, unsigned lo, unsign
         unsigned b = sm->bucket[i];
         if (b >= lo && b <= hi)
             sm->cand[g++] = (struct se__cand){d->l[i], (int32_t)i};
+    }
+    se__cand_sort(sm->cand, g, sm->tmp);
+    for (size_t j = 0; j < g; j++)
+        sm->cand_w[j] = sm->w[sm->cand[j].id];
+    return g;
+}
+
+/*
+ * Lists the head, the tokens with l >= max - HEAD_NATS (w >= about 1.2e-4),
+ * into cand[], sorted, with their weights, after weigh. A threshold on the
+ * logit keeps it a prefix of the order. Returns how many, or 0 when there are
+ * more than HEAD_MAX (a flat distribution: the histogram is then cheaper).
+ */
+static size_t list_head(se_sampler_t *sm, const struct dist *d)
+{
+    const float lt = d->max - HEAD_NATS;
+    size_t g = 0;
+    for (size_t i = 0; i < d->n; i++) {
+        if (d->l[i] >= lt) {
+            if (g == HEAD_MAX)
+                return 0;
+            sm->cand[g++] = (struct se__cand){d->l[i], (int32_t)i};
+        }
     }
     se__cand_sort(sm->cand, g, sm->tmp);
     for (size_t j = 0; j < g; j++)
@@ -240,15 +268,38 @@ static void select_candidates(se_sampler_t *sm, const struct se_sampling *s, str
             }
             c->len = j + 1;
         }
-    } else if (top_p) {
-        histogram(sm, d, 0.0);
-        top_p_histogram(sm, d, (double)s->top_p * d->sum, c);
     } else {
-        /* Min-p alone is applied by leaving the dropped tokens out of the buckets. */
-        histogram(sm, d, min_p);
+        weigh(sm, d);
+        size_t g = list_head(sm, d);
         c->listed = false;
-        c->len = c->prefix = 0;
-        return;
+        c->len = c->head = c->prefix = 0;
+        if (top_p) {
+            double target = (double)s->top_p * d->sum, acc = 0.0;
+            size_t j;
+            for (j = 0; j < g; j++) {
+                acc += sm->cand_w[j];
+                if (acc >= target)
+                    break;
+            }
+            if (j < g) {
+                c->listed = true;
+                c->len = j + 1;
+                c->prefix = g;
+            } else {
+                file_buckets(sm, d, 0.0);
+                top_p_histogram(sm, d, target, c);
+            }
+        } else if (g > 0 && min_p >= HEAD_MIN_P) {
+            c->listed = true;
+            c->len = c->prefix = g;
+        } else if (g > 0 && min_p == 0.0) {
+            c->head = c->prefix = g;
+            return;
+        } else {
+            /* Min-p alone is applied by leaving the dropped tokens out of the buckets. */
+            file_buckets(sm, d, min_p);
+            return;
+        }
     }
     if (min_p > 0.0) {
         double thr = min_p * sm->cand_w[0];
@@ -273,6 +324,18 @@ static int32_t draw_listed(const se_sampler_t *sm, size_t len, double u)
             return sm->cand[j].id;
     }
     return sm->cand[len - 1].id;
+}
+
+/* Draws within the listed head when the cumulative weight crosses target there; else returns -1. */
+static int32_t draw_head(const se_sampler_t *sm, size_t g, double target)
+{
+    double cum = 0.0;
+    for (size_t j = 0; j < g; j++) {
+        cum += sm->cand_w[j];
+        if (cum > target)
+            return sm->cand[j].id;
+    }
+    return -1;
 }
 
 static int32_t draw_histogram(se_sampler_t *sm, const struct dist *d, double u)
@@ -321,7 +384,7 @@ static void report(se_sampler_t *sm, const struct se_sampling *s, const struct d
         return;
     struct se__cand buf[SE_MAX_LOGPROBS];
     const struct se__cand *top = buf;
-    if (c && c->listed && c->prefix >= n_top)
+    if (c && c->prefix >= n_top)
         top = sm->cand;
     else
         se__top_k(d->l, d->n, n_top, buf);
@@ -351,17 +414,23 @@ int se_sample(se_sampler_t *sm, const struct se_sampling *s, float *logits, cons
         report(sm, s, &d, NULL, d.argmax, out);
         return 0;
     }
-    if (s->temperature != 1.0f) {
-        const float t = s->temperature;
-        for (size_t i = 0; i < d.n; i++)
-            logits[i] = logits[i] / t;
-    }
+    if (s->temperature != 1.0f)
+        se__sample_scale(logits, d.n, s->temperature);
     if ((rc = scan(&d)) < 0)
         return rc;
     struct cands c;
     select_candidates(sm, s, &d, &c);
     double u = se_sample_uniform(s->seed, (uint64_t)(n_prompt + n_generated));
-    int32_t tok = c.listed ? draw_listed(sm, c.len, u) : draw_histogram(sm, &d, u);
+    int32_t tok;
+    if (c.listed) {
+        tok = draw_listed(sm, c.len, u);
+    } else if (c.head == 0 || (tok = draw_head(sm, c.head, u * d.sum)) < 0) {
+        /* Beyond the head: the histogram over the whole vocabulary, with the same u. */
+        if (c.head > 0)
+            file_buckets(sm, &d, 0.0);
+        c.prefix = 0;
+        tok = draw_histogram(sm, &d, u);
+    }
     report(sm, s, &d, &c, tok, out);
     return 0;
 }
@@ -375,8 +444,11 @@ long se__sample_filter(se_sampler_t *sm, const struct se_sampling *s, const floa
         return rc;
     struct cands c;
     select_candidates(sm, s, &d, &c);
-    if (!c.listed)
+    if (!c.listed) {
+        if (c.head > 0)
+            file_buckets(sm, &d, 0.0);
         c.len = gather(sm, &d, 0, SE__SAMPLE_NB - 1);
+    }
     for (size_t j = 0; j < c.len && j < cap; j++)
         ids[j] = sm->cand[j].id;
     return (long)c.len;

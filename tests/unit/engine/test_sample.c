@@ -352,6 +352,29 @@ static void frequencies_match_softmax(void **state)
         obs[10] -= obs[j];
     pe[10] = rest;
     assert_true(chi_square(obs, pe, 11, NL) < 35.6); /* 10 dof, 1e-4 */
+    se_sampler_free(sm);
+
+    /*
+     * Draws in the head and beyond it: token 0 at logit 0 (the whole head)
+     * and 2999 tokens at -9.5 + small offsets, which hold about 20% of the
+     * mass. Token 0 and ten groups of the others.
+     */
+    sm = se_sampler_new(NB);
+    se_sampling_default(&s);
+    s.seed = 4242;
+    for (int i = 0; i < NB; i++)
+        big[i] = i == 0 ? 0.0f : -9.5f + 0.1f * (float)(i % 7);
+    draw_counts(sm, &s, big, NB, NL, bcounts, bscratch);
+    log_softmax(big, NB, 1.0f, blp);
+    long grp[11] = {0};
+    double pg[11] = {0};
+    for (int i = 0; i < NB; i++) {
+        int g = i == 0 ? 0 : 1 + (i - 1) * 10 / (NB - 1);
+        grp[g] += bcounts[i];
+        pg[g] += exp(blp[i]);
+    }
+    assert_true(pg[0] > 0.7 && pg[0] < 0.9);
+    assert_true(chi_square(grp, pg, 11, NL) < 35.6); /* 10 dof, 1e-4 */
     free(big);
     free(bscratch);
     free(bcounts);
@@ -461,12 +484,20 @@ static void filters_keep_expected_sets(void **state)
     sm = se_sampler_new(NV);
     static const int ks[] = {0, 1, 40, 5000};
     static const float ps[] = {1.0f, 0.5f, 0.9f, 0.999f};
-    static const float mps[] = {0.0f, 0.01f, 0.2f};
-    for (int spread = 0; spread < 3; spread++) {
-        random_logits(big, NV, spread == 0 ? 2.0 : spread == 1 ? 20.0 : 80.0, 100 + spread);
+    static const float mps[] = {0.0f, 1e-5f, 0.01f, 0.2f};
+    /* Spreads: flat (no head), steep (a head of a few hundred tokens near the
+     * maximum), and two levels (one token, then 5000 just beyond the head,
+     * 27% of the mass: top-p must look past the head). */
+    static const double spreads[] = {2.0, 20.0, 80.0, 400.0, 4000.0, -1.0};
+    for (int spread = 0; spread < 6; spread++) {
+        random_logits(big, NV, spreads[spread] > 0 ? spreads[spread] : 1.0, 100 + spread);
+        if (spreads[spread] < 0) {
+            for (int i = 0; i < NV; i++)
+                big[i] = i == 777 ? 0.0f : i < 5000 ? -9.5f - big[i] * 0.01f : -30.0f + big[i];
+        }
         for (size_t a = 0; a < 4; a++)
             for (size_t b = 0; b < 4; b++)
-                for (size_t c = 0; c < 3; c++) {
+                for (size_t c = 0; c < 4; c++) {
                     struct se_sampling s;
                     se_sampling_default(&s);
                     s.top_k = ks[a];
