@@ -1,9 +1,10 @@
 /*
  * se_sample throughput on a Qwen-sized vocabulary (151,936), one thread, with
  * logits shaped like a language model's (Gaussian bulk, a few strong tokens).
- * Prints tokens/s per configuration (best of 5 rounds), the cost of a full sort of the vocabulary
- * (what the sampler avoids), and the machine's memory bandwidth with the
- * token rate that a single read of the logits would allow.
+ * Prints tokens/s per configuration (best of 5 rounds, in thread CPU time,
+ * so that a shared machine's other jobs count as little as possible), the cost of a full sort of
+ * the vocabulary (what the sampler avoids), and the machine's memory bandwidth with the token rate
+ * that a single read of the logits would allow.
  *
  *   build/tests/bench_sample [seconds per configuration, default 1] [only configurations
  *                            whose name contains this]
@@ -71,16 +72,16 @@ int main(int argc, char **argv)
         {"top-k 50 + top-p 0.9 + penalties (768 history)", 0.7f, 0.9f, 0.0f, 1.1f, 0.5f, 0.3f, 50,
          0, 768},
     };
-    printf("se_sample, vocabulary %d, one thread, %.1f s per line\n", N_VOCAB, secs);
+    printf("se_sample, vocabulary %d, one thread, %.1f CPU s per line\n", N_VOCAB, secs);
 
     /* Every iteration copies fresh logits in (se_sample modifies them); that copy alone: */
-    double t0 = bench_now();
+    double t0 = bench_cpu_now();
     long iters = 0;
     do {
         memcpy(l, base, N_VOCAB * sizeof(float));
         iters++;
-    } while (bench_now() - t0 < secs / 4);
-    double copy_s = (bench_now() - t0) / (double)iters;
+    } while (bench_cpu_now() - t0 < secs / 4);
+    double copy_s = (bench_cpu_now() - t0) / (double)iters;
     printf("  %-48s %9.1f us/token (subtracted below)\n", "copy of the logits", copy_s * 1e6);
 
     for (size_t c = 0; c < sizeof(configs) / sizeof(configs[0]); c++) {
@@ -105,7 +106,7 @@ int main(int argc, char **argv)
         double per = INFINITY;
         for (int round = 0; round < ROUNDS; round++) {
             iters = 0;
-            t0 = bench_now();
+            t0 = bench_cpu_now();
             do {
                 memcpy(l, base, N_VOCAB * sizeof(float));
                 /* A new seed each time; the history (and so the position) stays the same. */
@@ -115,8 +116,8 @@ int main(int argc, char **argv)
                     return 1;
                 }
                 iters++;
-            } while (bench_now() - t0 < secs / ROUNDS);
-            double t = (bench_now() - t0) / (double)iters - copy_s;
+            } while (bench_cpu_now() - t0 < secs / ROUNDS);
+            double t = (bench_cpu_now() - t0) / (double)iters - copy_s;
             if (t < per)
                 per = t;
         }
@@ -125,13 +126,13 @@ int main(int argc, char **argv)
 
     /* What sorting the whole vocabulary would cost per token. */
     iters = 0;
-    t0 = bench_now();
+    t0 = bench_cpu_now();
     do {
         memcpy(l, base, N_VOCAB * sizeof(float));
         qsort(l, N_VOCAB, sizeof(float), cmp_float_desc);
         iters++;
-    } while (bench_now() - t0 < secs);
-    double sort_s = (bench_now() - t0) / (double)iters - copy_s;
+    } while (bench_cpu_now() - t0 < secs);
+    double sort_s = (bench_cpu_now() - t0) / (double)iters - copy_s;
     printf("  %-48s %9.1f us/token %9.0f tokens/s\n", "(reference: qsort of the vocabulary)",
            sort_s * 1e6, 1.0 / sort_s);
 

@@ -13,6 +13,13 @@
 double bench_now(void);
 
 /*
+ * CPU seconds used by the calling thread (CLOCK_THREAD_CPUTIME_ID): on a
+ * shared machine, time spent descheduled does not count, which makes
+ * single-thread figures far steadier than wall time.
+ */
+double bench_cpu_now(void);
+
+/*
  * Measures memory bandwidth in GB/s (1e9 bytes/s) with a STREAM-style triad,
  * a[i] = b[i] + s * c[i] over three arrays of doubles of bytes / 3 each
  * (choose bytes well above the last-level cache, e.g. 768 MiB), split among
