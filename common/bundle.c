@@ -184,8 +184,8 @@ int sp_bundle_pack(const char *model_dir, const char *out_path, char hex[65], ui
         size_t got;
         while (rc == 0 && (got = fread(buf, 1, IO_CHUNK, in)) > 0)
             if (archive_write_data(a, buf, got) != (la_ssize_t)got)
-                rc = fail(err, errcap, SP_EIO, "bundling %s: %s", names[i],
-                          archive_error_string(a));
+                rc =
+                    fail(err, errcap, SP_EIO, "bundling %s: %s", names[i], archive_error_string(a));
         if (rc == 0 && ferror(in))
             rc = fail(err, errcap, SP_EIO, "read error on %s", path);
         fclose(in);
@@ -287,8 +287,8 @@ int sp_bundle_unpack(const char *bundle_path, const char *digest, const char *de
                 break;
             }
         if (got < 0 && rc == 0)
-            rc = fail(err, errcap, SP_ECORRUPT, "bundle %s is damaged at %s: %s", bundle_path,
-                      name, archive_error_string(a));
+            rc = fail(err, errcap, SP_ECORRUPT, "bundle %s is damaged at %s: %s", bundle_path, name,
+                      archive_error_string(a));
         if (fclose(out) != 0 && rc == 0)
             rc = fail(err, errcap, SP_EIO, "writing %s: %s", path, strerror(errno));
     }
@@ -350,8 +350,8 @@ static int copy_file(const char *from, const char *to, char *err, size_t errcap)
     return rc;
 }
 
-static int dir_put(void *ctx, const char *local_path, const char *digest, char *uri,
-                   size_t uricap, char *err, size_t errcap)
+static int dir_put(void *ctx, const char *local_path, const char *digest, char *uri, size_t uricap,
+                   char *err, size_t errcap)
 {
     struct dir_store *s = ctx;
     char path[PATH_MAX];
@@ -517,8 +517,8 @@ static void cache_evict(const char *cache_dir, const char *keep, uint64_t limit)
 }
 
 int sp_model_cache_fetch(struct sp_store *store, const char *uri, const char *digest,
-                         const char *cache_dir, uint64_t limit_bytes, char *out_dir,
-                         size_t outcap, char *err, size_t errcap)
+                         const char *cache_dir, uint64_t limit_bytes, char *out_dir, size_t outcap,
+                         char *err, size_t errcap)
 {
     if (strlen(digest) != 64 || strspn(digest, "0123456789abcdef") != 64)
         return fail(err, errcap, SP_EINVAL, "model digest '%s' is not a sha256 in hex", digest);

@@ -66,7 +66,8 @@ int sp_cluster_init(struct sp_cluster *c, const char *dir, const char *dbname)
         strlen(abs) >= sizeof c->dir)
         return fail(c, SP_EINVAL,
                     "cluster directory %s is too long for a unix socket path (limit about 90 "
-                    "bytes); set SPOOL_HOME to a shorter path", abs);
+                    "bytes); set SPOOL_HOME to a shorter path",
+                    abs);
     snprintf(c->dir, sizeof c->dir, "%s", abs);
 
     c->run_uid = geteuid();
@@ -159,7 +160,8 @@ static int initdb(struct sp_cluster *c)
                 return fail(c, SP_EPERM,
                             "the postgres user cannot enter %s (the server runs as postgres "
                             "when spool runs as root); use a SPOOL_HOME outside it, such as "
-                            "/tmp/spool", parent);
+                            "/tmp/spool",
+                            parent);
         }
     }
     int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
@@ -167,8 +169,9 @@ static int initdb(struct sp_cluster *c)
         close(fd);
     if ((rc = give(c, log)))
         return rc;
-    char *argv[] = {prog,  "-D",      data, "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                    "--locale=C.UTF-8", "--no-sync", NULL};
+    char *argv[] = {prog,        "-D",    data, "-U",   "postgres",
+                    "-A",        "trust", "-E", "UTF8", "--locale=C.UTF-8",
+                    "--no-sync", NULL};
     rc = sp_cluster_run(c, argv, log);
     if (rc != 0)
         return fail(c, SP_ECHILD, "initdb failed; see %s/log", c->dir);
@@ -263,7 +266,7 @@ int sp_cluster_stop(struct sp_cluster *c, bool immediate)
     char data[PATH_MAX], prog[PATH_MAX];
     snprintf(data, sizeof data, "%s/data", c->dir);
     snprintf(prog, sizeof prog, "%s/pg_ctl", c->bindir);
-    char *argv[] = {prog, "-w", "-t", "60", "-D", data, "-m", immediate ? "immediate" : "fast",
+    char *argv[] = {prog,   "-w", "-t", "60", "-D", data, "-m", immediate ? "immediate" : "fast",
                     "stop", NULL};
     int rc = sp_cluster_run(c, argv, NULL);
     if (rc != 0 && sp_cluster_pid(c) != 0)

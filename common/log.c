@@ -154,8 +154,9 @@ void sp_log(enum sp_log_level level, const char *fmt, ...)
     size_t len = 0;
     line[0] = '\0';
     if (log_json) {
-        len = (size_t)snprintf(line, sizeof line, "{\"ts\":\"%s\",\"level\":\"%s\",\"component\":\"",
-                               when, level_names[level]);
+        len =
+            (size_t)snprintf(line, sizeof line, "{\"ts\":\"%s\",\"level\":\"%s\",\"component\":\"",
+                             when, level_names[level]);
         sp_json_escape(line, sizeof line - 3, &len, log_component);
         append(line, sizeof line - 3, &len, "\",\"pid\":", 8);
         char pid[24];

@@ -144,8 +144,8 @@ int sp_migrate(PGconn *conn, const struct sp_migration *m, size_t n, int *applie
     int rc, count = 0;
     if (applied)
         *applied = 0;
-    if ((rc = exec(conn, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")", "taking the migration lock",
-                   err, errcap)))
+    if ((rc = exec(conn, "SELECT pg_advisory_lock(" MIGRATE_LOCK_KEY ")",
+                   "taking the migration lock", err, errcap)))
         return rc;
     rc = exec(conn,
               "SET client_min_messages = warning;"
@@ -160,9 +160,9 @@ int sp_migrate(PGconn *conn, const struct sp_migration *m, size_t n, int *applie
         char sum[65];
         sp_sha256_hex(m[i].sql, m[i].len, sum);
         const char *params[2] = {m[i].name, sum};
-        PGresult *r = PQexecParams(conn,
-                                   "SELECT checksum FROM spool.schema_migrations WHERE name = $1",
-                                   1, NULL, params, NULL, NULL, 0);
+        PGresult *r =
+            PQexecParams(conn, "SELECT checksum FROM spool.schema_migrations WHERE name = $1", 1,
+                         NULL, params, NULL, NULL, 0);
         if (PQresultStatus(r) != PGRES_TUPLES_OK) {
             snprintf(err, errcap, "reading spool.schema_migrations: %s", PQerrorMessage(conn));
             rc = SP_EDB;

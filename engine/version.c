@@ -20,7 +20,8 @@ int se_cuda_devices(char *err, size_t errcap)
     int n = se__cuda_device_count(err, errcap);
     return n < 0 ? SP_ENODEV : n;
 #else
-    snprintf(err, errcap, "this build of spool has no CUDA backend (nvcc was not found at build time)");
+    snprintf(err, errcap,
+             "this build of spool has no CUDA backend (nvcc was not found at build time)");
     return SP_EUNSUPPORTED;
 #endif
 }

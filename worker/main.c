@@ -46,9 +46,12 @@ int main(int argc, char **argv)
     const char *dsn = env_or("SPOOL_DSN", NULL);
     const char *listen = env_or("SPOOL_SCHEDULER", "127.0.0.1:7470");
     static const struct option opts[] = {
-        {"dsn", required_argument, NULL, 'd'},   {"scheduler", required_argument, NULL, 'l'},
-        {"log-level", required_argument, NULL, 'L'}, {"log-json", no_argument, NULL, 'J'},
-        {"version", no_argument, NULL, 'V'},     {"help", no_argument, NULL, 'h'},
+        {"dsn", required_argument, NULL, 'd'},
+        {"scheduler", required_argument, NULL, 'l'},
+        {"log-level", required_argument, NULL, 'L'},
+        {"log-json", no_argument, NULL, 'J'},
+        {"version", no_argument, NULL, 'V'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     int ch;

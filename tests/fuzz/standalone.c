@@ -103,7 +103,8 @@ int main(int argc, char **argv)
                 break;
             case 1: /* set a byte to something interesting */
                 if (n)
-                    buf[rnd() % n] = (uint8_t[]){0, 0xff, 0x7f, 0x80, '"', '{', '}', '\\'}[rnd() % 8];
+                    buf[rnd() % n] =
+                        (uint8_t[]){0, 0xff, 0x7f, 0x80, '"', '{', '}', '\\'}[rnd() % 8];
                 break;
             case 2: /* truncate */
                 if (n)

@@ -72,7 +72,7 @@ void sp_store_close(struct sp_store *s);
  * limit_bytes (0 = no limit; the entry just fetched is never evicted).
  */
 int sp_model_cache_fetch(struct sp_store *store, const char *uri, const char *digest,
-                         const char *cache_dir, uint64_t limit_bytes, char *out_dir,
-                         size_t outcap, char *err, size_t errcap);
+                         const char *cache_dir, uint64_t limit_bytes, char *out_dir, size_t outcap,
+                         char *err, size_t errcap);
 
 #endif

@@ -17,13 +17,13 @@
 #include <sys/types.h>
 
 struct sp_cluster {
-    char dir[256];     /* the cluster's home (absolute) */
-    char bindir[256];  /* PostgreSQL server binaries */
-    char dbname[64];   /* the database `spool dev` and tests use */
-    uid_t run_uid;     /* OS user the server runs as */
+    char dir[256];    /* the cluster's home (absolute) */
+    char bindir[256]; /* PostgreSQL server binaries */
+    char dbname[64];  /* the database `spool dev` and tests use */
+    uid_t run_uid;    /* OS user the server runs as */
     gid_t run_gid;
-    bool as_other;     /* true when run_uid differs from our own */
-    char err[512];     /* message for the last failure */
+    bool as_other; /* true when run_uid differs from our own */
+    char err[512]; /* message for the last failure */
 };
 
 /*

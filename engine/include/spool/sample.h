@@ -34,12 +34,12 @@ struct se_sampling {
     float presence_penalty;   /* in [-2, 2]; 0 = off; over generated tokens */
     float frequency_penalty;  /* in [-2, 2]; 0 = off; over generated tokens */
     uint64_t seed;
-    int max_tokens;           /* > 0 */
-    int logprobs;             /* 0..SE_MAX_LOGPROBS alternatives to report */
+    int max_tokens; /* > 0 */
+    int logprobs;   /* 0..SE_MAX_LOGPROBS alternatives to report */
     bool ignore_eos;
-    int n_stop_ids;           /* extra stop token ids, besides the model's eos */
+    int n_stop_ids; /* extra stop token ids, besides the model's eos */
     int32_t stop_ids[SE_MAX_STOP];
-    int n_stop;               /* stop strings (not owned) */
+    int n_stop; /* stop strings (not owned) */
     const char *stop[SE_MAX_STOP];
 };
 

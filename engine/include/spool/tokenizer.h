@@ -40,8 +40,8 @@ typedef struct se_tokenizer se_tokenizer_t;
 /*
  * Opens dir/tokenizer.json and, when present, dir/tokenizer_config.json (chat
  * template, bos/eos, additional_special_tokens; whether a bos is added comes
- * from tokenizer.json's post-processor, as in Hugging Face). Returns 0, or SP_ENOENT / SP_ECORRUPT /
- * SP_EUNSUPPORTED with err naming the file and what was wrong in it.
+ * from tokenizer.json's post-processor, as in Hugging Face). Returns 0, or SP_ENOENT / SP_ECORRUPT
+ * / SP_EUNSUPPORTED with err naming the file and what was wrong in it.
  */
 int se_tokenizer_open(const char *dir, se_tokenizer_t **out, char *err, size_t errcap);
 /* As se_tokenizer_open, from explicit files; config_path may be NULL. */
@@ -87,8 +87,8 @@ int se_tokenizer_encode(const se_tokenizer_t *tok, const char *text, size_t len,
  * clean_up_tokenization_spaces, which the supported families turn off). Bytes
  * that do not form valid UTF-8 become U+FFFD, one per maximal invalid
  * subsequence (also after ByteFallback, where Rust writes one per byte; such
- * bytes never come from encoding a text). On success *text is malloc'd, NUL-terminated, with *len bytes.
- * Returns SP_EINVAL for an id outside the vocabulary.
+ * bytes never come from encoding a text). On success *text is malloc'd, NUL-terminated, with *len
+ * bytes. Returns SP_EINVAL for an id outside the vocabulary.
  */
 int se_tokenizer_decode(const se_tokenizer_t *tok, const int32_t *ids, size_t n, bool skip_special,
                         char **text, size_t *len);

@@ -63,7 +63,8 @@ static void apply_noop_changed_and_failed(void **state)
     char dir[] = "/tmp/spm-XXXXXX";
     assert_non_null(mkdtemp(dir));
     write_file(dir, "0001_a.sql", "CREATE TABLE spool.t (x int);");
-    write_file(dir, "0002_b.sql", "INSERT INTO spool.t VALUES (1); INSERT INTO spool.t VALUES (2);");
+    write_file(dir, "0002_b.sql",
+               "INSERT INTO spool.t VALUES (1); INSERT INTO spool.t VALUES (2);");
     write_file(dir, "README.txt", "not a migration");
 
     char err[1024] = "";
@@ -76,7 +77,8 @@ static void apply_noop_changed_and_failed(void **state)
     PGconn *c = pgt_connect(&t);
     assert_int_equal(count(c, "SELECT count(*) FROM spool.t"), 2);
     assert_int_equal(count(c, "SELECT count(*) FROM spool.schema_migrations"), 2);
-    char *sum = pgt_scalar(c, "SELECT checksum FROM spool.schema_migrations WHERE name = '0001_a.sql'");
+    char *sum =
+        pgt_scalar(c, "SELECT checksum FROM spool.schema_migrations WHERE name = '0001_a.sql'");
     char want[65];
     const char *text = "CREATE TABLE spool.t (x int);";
     sp_sha256_hex(text, strlen(text), want);

@@ -86,8 +86,10 @@ static void model_references_resolve(void **state)
     expect("SELECT version FROM spool.models WHERE id = spool.resolve_model('tiny@sha256:' || "
            "repeat('1', 64))",
            "1");
-    assert_non_null(strstr(err_of(c, "SELECT spool.resolve_model('nope')"), "unknown model \"nope\""));
-    assert_non_null(strstr(err_of(c, "SELECT spool.resolve_model('tiny@9')"), "no version or alias \"9\""));
+    assert_non_null(
+        strstr(err_of(c, "SELECT spool.resolve_model('nope')"), "unknown model \"nope\""));
+    assert_non_null(
+        strstr(err_of(c, "SELECT spool.resolve_model('tiny@9')"), "no version or alias \"9\""));
     assert_non_null(strstr(err_of(c, "SELECT spool.submit_job('tiny@canary')"), "\"canary\""));
     expect("SELECT count(*) FROM spool.model_alias_history WHERE name = 'tiny'", "1");
 }
@@ -96,7 +98,8 @@ static void submission_is_transactional_and_pinned(void **state)
 {
     (void)state;
     ok("CREATE TABLE public.my_prompts (k text, p text)");
-    ok("INSERT INTO public.my_prompts SELECT 'k' || i, 'prompt ' || i FROM generate_series(1, 50) i");
+    ok("INSERT INTO public.my_prompts SELECT 'k' || i, 'prompt ' || i FROM generate_series(1, 50) "
+       "i");
     ok("BEGIN");
     char *job = val("SELECT spool.submit_job('tiny', 'acme', '{\"max_tokens\": 8}')");
     char sql[512];
@@ -105,7 +108,8 @@ static void submission_is_transactional_and_pinned(void **state)
              "public.my_prompts",
              job);
     ok(sql);
-    snprintf(sql, sizeof sql, "INSERT INTO spool.requests (job_id, custom_id) VALUES (%s, 'bad')", job);
+    snprintf(sql, sizeof sql, "INSERT INTO spool.requests (job_id, custom_id) VALUES (%s, 'bad')",
+             job);
     ok(sql);
     snprintf(sql, sizeof sql, "SELECT spool.seal_job(%s)", job);
     ok(sql);
@@ -122,18 +126,21 @@ static void submission_is_transactional_and_pinned(void **state)
 
     /* Moving the alias does not move the job. */
     ok("SELECT spool.set_alias('tiny', 'prod', 3)");
-    snprintf(sql, sizeof sql,
-             "SELECT model || '@' || model_version || ' ' || state || ' ' || total || ' ' || failed "
-             "FROM spool.job_status WHERE job_id = %s",
-             job);
+    snprintf(
+        sql, sizeof sql,
+        "SELECT model || '@' || model_version || ' ' || state || ' ' || total || ' ' || failed "
+        "FROM spool.job_status WHERE job_id = %s",
+        job);
     expect(sql, "tiny@2 queued 51 1");
-    snprintf(sql, sizeof sql, "SELECT error FROM spool.requests WHERE job_id = %s AND custom_id = 'bad'", job);
+    snprintf(sql, sizeof sql,
+             "SELECT error FROM spool.requests WHERE job_id = %s AND custom_id = 'bad'", job);
     char *e = val(sql);
     assert_non_null(strstr(e, "no input"));
     free(e);
 
     /* A sealed job takes no more requests, with a clear error, in another transaction. */
-    snprintf(sql, sizeof sql, "INSERT INTO spool.requests (job_id, prompt) VALUES (%s, 'late')", job);
+    snprintf(sql, sizeof sql, "INSERT INTO spool.requests (job_id, prompt) VALUES (%s, 'late')",
+             job);
     assert_non_null(strstr(err_of(other, sql), "requests can only be added to an open job"));
     PQfinish(other);
     free(job);
@@ -143,9 +150,12 @@ static void submission_is_transactional_and_pinned(void **state)
 static void idempotency_key_returns_existing_job(void **state)
 {
     (void)state;
-    char *a = val("SELECT spool.submit_job('tiny', 'acme', idempotency_key => 'nightly-2026-11-28')");
-    char *b = val("SELECT spool.submit_job('tiny@3', 'acme', idempotency_key => 'nightly-2026-11-28')");
-    char *other = val("SELECT spool.submit_job('tiny', 'globex', idempotency_key => 'nightly-2026-11-28')");
+    char *a =
+        val("SELECT spool.submit_job('tiny', 'acme', idempotency_key => 'nightly-2026-11-28')");
+    char *b =
+        val("SELECT spool.submit_job('tiny@3', 'acme', idempotency_key => 'nightly-2026-11-28')");
+    char *other =
+        val("SELECT spool.submit_job('tiny', 'globex', idempotency_key => 'nightly-2026-11-28')");
     assert_string_equal(a, b);
     assert_string_not_equal(a, other);
     free(a), free(b), free(other);
@@ -163,17 +173,19 @@ static void cancel_keeps_finished_results(void **state)
     ok(sql);
     snprintf(sql, sizeof sql, "SELECT spool.seal_job(%s)", job);
     ok(sql);
-    snprintf(sql, sizeof sql,
-             "UPDATE spool.requests SET state = 'succeeded', output = 'done' WHERE id IN (SELECT id "
-             "FROM spool.requests WHERE job_id = %s ORDER BY id LIMIT 3)",
-             job);
+    snprintf(
+        sql, sizeof sql,
+        "UPDATE spool.requests SET state = 'succeeded', output = 'done' WHERE id IN (SELECT id "
+        "FROM spool.requests WHERE job_id = %s ORDER BY id LIMIT 3)",
+        job);
     ok(sql);
     snprintf(sql, sizeof sql, "SELECT (spool.cancel_job(%s)).state", job);
     expect(sql, "cancelled");
-    snprintf(sql, sizeof sql,
-             "SELECT string_agg(state, ',' ORDER BY state) FROM (SELECT state || ':' || count(*) AS "
-             "state FROM spool.requests WHERE job_id = %s GROUP BY state) s",
-             job);
+    snprintf(
+        sql, sizeof sql,
+        "SELECT string_agg(state, ',' ORDER BY state) FROM (SELECT state || ':' || count(*) AS "
+        "state FROM spool.requests WHERE job_id = %s GROUP BY state) s",
+        job);
     expect(sql, "cancelled:7,succeeded:3");
     snprintf(sql, sizeof sql, "SELECT cancelled FROM spool.job_status WHERE job_id = %s", job);
     expect(sql, "7");
@@ -186,7 +198,8 @@ static void bad_submissions_are_clear_errors(void **state)
     assert_non_null(strstr(err_of(c, "SELECT spool.submit_job('tiny', params => '[1]')"),
                            "job params must be a JSON object"));
     assert_non_null(strstr(err_of(c, "SELECT spool.submit_job('')"), "model reference is empty"));
-    assert_non_null(strstr(err_of(c, "SELECT spool.seal_job(999999)"), "job 999999 does not exist"));
+    assert_non_null(
+        strstr(err_of(c, "SELECT spool.seal_job(999999)"), "job 999999 does not exist"));
     assert_non_null(strstr(err_of(c, "SELECT spool.submit_job('tiny', 'bad tenant!')"),
                            "tenant name \"bad tenant!\" is invalid"));
 }

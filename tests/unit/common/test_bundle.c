@@ -160,18 +160,27 @@ static void store_and_cache_with_eviction(void **state)
         put(m, "model.safetensors", text, 20000); /* ~200 KB unpacked */
         snprintf(b, sizeof b, "%s/m%d.tar.zst", root, i);
         assert_int_equal(sp_bundle_pack(m, b, hexes[i], NULL, err, sizeof err), 0);
-        assert_int_equal(st.i->put(st.ctx, b, hexes[i], uris[i], sizeof uris[i], err, sizeof err), 0);
+        assert_int_equal(st.i->put(st.ctx, b, hexes[i], uris[i], sizeof uris[i], err, sizeof err),
+                         0);
         assert_non_null(strstr(uris[i], hexes[i]));
     }
     /* A limit that holds two models: fetching the third evicts the least recently used. */
     uint64_t limit = 450000;
-    assert_int_equal(sp_model_cache_fetch(&st, uris[0], hexes[0], cache, limit, dir, sizeof dir, err, sizeof err), 0);
+    assert_int_equal(sp_model_cache_fetch(&st, uris[0], hexes[0], cache, limit, dir, sizeof dir,
+                                          err, sizeof err),
+                     0);
     usleep(20000);
-    assert_int_equal(sp_model_cache_fetch(&st, uris[1], hexes[1], cache, limit, dir, sizeof dir, err, sizeof err), 0);
+    assert_int_equal(sp_model_cache_fetch(&st, uris[1], hexes[1], cache, limit, dir, sizeof dir,
+                                          err, sizeof err),
+                     0);
     usleep(20000);
-    assert_int_equal(sp_model_cache_fetch(&st, uris[0], hexes[0], cache, limit, dir, sizeof dir, err, sizeof err), 0);
+    assert_int_equal(sp_model_cache_fetch(&st, uris[0], hexes[0], cache, limit, dir, sizeof dir,
+                                          err, sizeof err),
+                     0);
     usleep(20000);
-    assert_int_equal(sp_model_cache_fetch(&st, uris[2], hexes[2], cache, limit, dir, sizeof dir, err, sizeof err), 0);
+    assert_int_equal(sp_model_cache_fetch(&st, uris[2], hexes[2], cache, limit, dir, sizeof dir,
+                                          err, sizeof err),
+                     0);
     char p[256];
     snprintf(p, sizeof p, "%s/%s", cache, hexes[0]);
     assert_int_equal(access(p, F_OK), 0);
@@ -183,8 +192,9 @@ static void store_and_cache_with_eviction(void **state)
     /* A wrong digest for a URI is refused. */
     char other[65];
     memcpy(other, hexes[1], 65);
-    assert_int_equal(sp_model_cache_fetch(&st, uris[0], other, cache, 0, dir, sizeof dir, err, sizeof err),
-                     SP_ECHECKSUM);
+    assert_int_equal(
+        sp_model_cache_fetch(&st, uris[0], other, cache, 0, dir, sizeof dir, err, sizeof err),
+        SP_ECHECKSUM);
     sp_store_close(&st);
 }
 

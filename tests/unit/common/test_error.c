@@ -12,8 +12,8 @@ static void every_code_has_name_and_message(void **state)
 {
     (void)state;
 #define XX(code, msg)                                                                              \
-    assert_string_equal(sp_err_name(SP_##code), "SP_" #code);                                    \
-    assert_string_equal(sp_strerror(SP_##code), msg);                                             \
+    assert_string_equal(sp_err_name(SP_##code), "SP_" #code);                                      \
+    assert_string_equal(sp_strerror(SP_##code), msg);                                              \
     assert_true(SP_##code < 0);
     SP_ERRNO_MAP(XX)
 #undef XX
