@@ -8,6 +8,7 @@
 // they hold the old addresses).
 #include "backend_cuda.h"
 #include "ops.cuh"
+#include "spool/sample.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -80,6 +81,16 @@ struct cuda_ctx {
 
     bool graphs_on;
     struct graph_entry graphs[N_GRAPH_SIZES];
+
+    // Device sampling (cuda_sample): sized on first use, grown when needed.
+    int last_n_logits; // logit rows of the last successful forward (0 = none)
+    int smp_cap_rows;
+    size_t smp_cap_hist;
+    float *smp_work;     // (2 * rows, vocab)
+    int32_t *smp_counts; // (rows, vocab), zero between calls
+    struct se_cu_sample_row *smp_rows_d, *smp_rows_h;
+    int32_t *smp_hist_d, *smp_hist_h;
+    struct se_cu_sample_out *smp_out_d, *smp_out_h;
 };
 
 static void ctx_failf(struct cuda_ctx *c, int code, const char *fmt, ...)
@@ -684,6 +695,7 @@ static int cuda_forward(void *vctx, const struct se_batch *b, float *logits)
                   b->n_seqs, b->n_logits);
         return SP_EINVAL;
     }
+    c->last_n_logits = 0;
     SE_CU_CHECK(&c->err, cudaSetDevice(c->device));
     const int bs = c->block_size;
     size_t n_bt = 1; // the spare block's entry comes first
@@ -787,11 +799,125 @@ static int cuda_forward(void *vctx, const struct se_batch *b, float *logits)
         rc = enqueue_pass(c, &p);
     if (rc)
         return rc;
-    if (b->n_logits > 0)
+    if (b->n_logits > 0 && logits)
         SE_CU_CHECK(&c->err, cudaMemcpyAsync(logits, c->logits_d,
                                              (size_t)b->n_logits * c->cfg.vocab_size * 4,
                                              cudaMemcpyDeviceToHost, c->stream));
     SE_CU_CHECK(&c->err, cudaStreamSynchronize(c->stream));
+    c->last_n_logits = b->n_logits;
+    return 0;
+}
+
+static void free_sample_buffers(struct cuda_ctx *c)
+{
+    void *d[] = {c->smp_work, c->smp_counts, c->smp_rows_d, c->smp_hist_d, c->smp_out_d};
+    for (size_t i = 0; i < sizeof d / sizeof d[0]; i++)
+        if (d[i])
+            cudaFree(d[i]);
+    void *h[] = {c->smp_rows_h, c->smp_hist_h, c->smp_out_h};
+    for (size_t i = 0; i < sizeof h / sizeof h[0]; i++)
+        if (h[i])
+            cudaFreeHost(h[i]);
+    c->smp_work = NULL;
+    c->smp_counts = c->smp_hist_d = c->smp_hist_h = NULL;
+    c->smp_rows_d = c->smp_rows_h = NULL;
+    c->smp_out_d = c->smp_out_h = NULL;
+    c->smp_cap_rows = 0;
+    c->smp_cap_hist = 0;
+}
+
+static int reserve_sample_buffers(struct cuda_ctx *c, int rows, size_t hist)
+{
+    if (rows <= c->smp_cap_rows && hist <= c->smp_cap_hist)
+        return 0;
+    int cap_r = c->smp_cap_rows > rows ? c->smp_cap_rows : rows;
+    size_t cap_h = c->smp_cap_hist > hist ? c->smp_cap_hist : hist;
+    cap_h = cap_h < 4096 ? 4096 : cap_h + cap_h / 2;
+    free_sample_buffers(c);
+    const size_t V = c->cfg.vocab_size;
+    int rc;
+    if ((rc = dev_alloc(c, (void **)&c->smp_work, 2 * (size_t)cap_r * V * 4, "sampling")) ||
+        (rc = dev_alloc(c, (void **)&c->smp_counts, (size_t)cap_r * V * 4, "sampling")) ||
+        (rc = dev_alloc(c, (void **)&c->smp_rows_d, (size_t)cap_r * sizeof *c->smp_rows_d,
+                        "sampling")) ||
+        (rc = dev_alloc(c, (void **)&c->smp_hist_d, cap_h * 4, "sampling")) ||
+        (rc = dev_alloc(c, (void **)&c->smp_out_d, (size_t)cap_r * sizeof *c->smp_out_d,
+                        "sampling")))
+        return rc;
+    SE_CU_CHECK(&c->err, cudaMemset(c->smp_counts, 0, (size_t)cap_r * V * 4));
+    SE_CU_CHECK(&c->err,
+                cudaMallocHost((void **)&c->smp_rows_h, (size_t)cap_r * sizeof *c->smp_rows_h));
+    SE_CU_CHECK(&c->err, cudaMallocHost((void **)&c->smp_hist_h, cap_h * 4));
+    SE_CU_CHECK(&c->err,
+                cudaMallocHost((void **)&c->smp_out_h, (size_t)cap_r * sizeof *c->smp_out_h));
+    c->smp_cap_rows = cap_r;
+    c->smp_cap_hist = cap_h;
+    return 0;
+}
+
+static int cuda_sample(void *vctx, int n_rows, const struct se_sampling *s,
+                       const int32_t *const *prompt, const size_t *n_prompt,
+                       const int32_t *const *generated, const size_t *n_generated,
+                       struct se_sample_result *out)
+{
+    struct cuda_ctx *c = (struct cuda_ctx *)vctx;
+    if (n_rows <= 0 || n_rows != c->last_n_logits) {
+        ctx_failf(c, SP_ESTATE, "sample: %d rows asked, the last forward left %d logit rows",
+                  n_rows, c->last_n_logits);
+        return SP_ESTATE;
+    }
+    SE_CU_CHECK(&c->err, cudaSetDevice(c->device));
+    size_t hist = 0;
+    for (int i = 0; i < n_rows; i++)
+        hist += n_prompt[i] + n_generated[i];
+    if (hist > 0x7fffffff) {
+        ctx_failf(c, SP_ETOOBIG, "sample: %zu tokens of history", hist);
+        return SP_ETOOBIG;
+    }
+    int rc = reserve_sample_buffers(c, n_rows, hist);
+    if (rc)
+        return rc;
+    size_t at = 0;
+    for (int i = 0; i < n_rows; i++) {
+        struct se_cu_sample_row *r = &c->smp_rows_h[i];
+        r->temperature = s[i].temperature;
+        r->top_p = s[i].top_p;
+        r->min_p = s[i].min_p;
+        r->repetition_penalty = s[i].repetition_penalty;
+        r->presence_penalty = s[i].presence_penalty;
+        r->frequency_penalty = s[i].frequency_penalty;
+        r->top_k = s[i].top_k;
+        r->seed = s[i].seed;
+        r->position = (uint64_t)(n_prompt[i] + n_generated[i]);
+        r->hist_off = (int)at;
+        r->n_prompt = (int)n_prompt[i];
+        r->n_gen = (int)n_generated[i];
+        if (n_prompt[i])
+            memcpy(c->smp_hist_h + at, prompt[i], n_prompt[i] * 4);
+        at += n_prompt[i];
+        if (n_generated[i])
+            memcpy(c->smp_hist_h + at, generated[i], n_generated[i] * 4);
+        at += n_generated[i];
+    }
+    SE_CU_CHECK(&c->err, cudaMemcpyAsync(c->smp_rows_d, c->smp_rows_h,
+                                         (size_t)n_rows * sizeof *c->smp_rows_h,
+                                         cudaMemcpyHostToDevice, c->stream));
+    if (at)
+        SE_CU_CHECK(&c->err, cudaMemcpyAsync(c->smp_hist_d, c->smp_hist_h, at * 4,
+                                             cudaMemcpyHostToDevice, c->stream));
+    if ((rc =
+             se__cu_sample(&c->err, c->stream, c->logits_d, n_rows, c->cfg.vocab_size,
+                           c->smp_rows_d, c->smp_hist_d, c->smp_work, c->smp_counts, c->smp_out_d)))
+        return rc;
+    SE_CU_CHECK(&c->err,
+                cudaMemcpyAsync(c->smp_out_h, c->smp_out_d, (size_t)n_rows * sizeof *c->smp_out_h,
+                                cudaMemcpyDeviceToHost, c->stream));
+    SE_CU_CHECK(&c->err, cudaStreamSynchronize(c->stream));
+    for (int i = 0; i < n_rows; i++) {
+        memset(&out[i], 0, sizeof out[i]);
+        out[i].token = c->smp_out_h[i].token;
+        out[i].logprob = c->smp_out_h[i].logprob;
+    }
     return 0;
 }
 
@@ -810,6 +936,7 @@ static void cuda_free(void *vctx)
     if (c->stream)
         cudaStreamSynchronize(c->stream);
     free_pass_buffers(c);
+    free_sample_buffers(c);
     for (int i = 0; i < c->n_allocs; i++)
         cudaFree(c->allocs[i]);
     free(c->allocs);
@@ -834,6 +961,7 @@ static const struct se_backend_i cuda_iface = {
     /* .kv_copy = */ cuda_kv_copy,
     /* .last_error = */ cuda_last_error,
     /* .free = */ cuda_free,
+    /* .sample = */ cuda_sample,
 };
 
 static int open_device(struct cuda_ctx *c)

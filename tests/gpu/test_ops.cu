@@ -10,6 +10,7 @@
 // Exits 77 when there is no GPU; prints one line per check and a summary.
 #include "../../engine/cuda/backend_cuda.h"
 #include "../../engine/cuda/ops.cuh"
+#include "spool/sample.h"
 
 #include <algorithm>
 #include <math.h>
@@ -862,6 +863,50 @@ static void test_backend(bool graphs)
                           logits.begin() + (size_t)(start[s] + ntok[s]) * V);
             done[s] += ntok[s];
         }
+    }
+    // Sampling on the device from the last pass's logits (still in `logits` on the host).
+    if (ok) {
+        se_sampling sp[S];
+        memset(sp, 0, sizeof sp);
+        for (int s = 0; s < S; s++) {
+            sp[s].temperature = s == 0 ? 0.0f : 0.9f;
+            sp[s].top_k = s == 1 ? 40 : 0;
+            sp[s].top_p = s == 2 ? 0.9f : 1.0f;
+            sp[s].repetition_penalty = s == 2 ? 1.2f : 1.0f;
+            sp[s].frequency_penalty = s == 1 ? 0.5f : 0.0f;
+            sp[s].seed = 1000 + s;
+        }
+        const int32_t *pr[S], *gen[S];
+        size_t npr[S], ngen[S];
+        std::vector<int32_t> all[S];
+        for (int s = 0; s < S; s++) {
+            all[s].assign(toks[s].begin(), toks[s].begin() + done[s]);
+            pr[s] = all[s].data();
+            npr[s] = (size_t)plen[s];
+            gen[s] = all[s].data() + plen[s];
+            ngen[s] = (size_t)(done[s] - plen[s]);
+        }
+        se_sample_result res[S];
+        const int rc = be.i->sample(be.ctx, S, sp, pr, npr, gen, ngen, res);
+        int same = 0;
+        for (int s = 0; s < S && rc == 0; s++) {
+            se_cu_sample_row r;
+            memset(&r, 0, sizeof r);
+            r.temperature = sp[s].temperature, r.top_k = sp[s].top_k, r.top_p = sp[s].top_p;
+            r.repetition_penalty = sp[s].repetition_penalty;
+            r.frequency_penalty = sp[s].frequency_penalty;
+            r.seed = sp[s].seed;
+            r.position = (uint64_t)done[s];
+            r.n_prompt = plen[s];
+            r.n_gen = done[s] - plen[s];
+            const se_cu_sample_out ref = ref_sample(&logits[(size_t)s * V], V, r, all[s].data());
+            same += ref.token == res[s].token;
+        }
+        char d[256];
+        snprintf(d, sizeof d, "rc %d, %d/%d tokens as the CPU reference; %s", rc, same, S,
+                 rc ? be.i->last_error(be.ctx) : "");
+        check_true(graphs ? "backend sample (graphs on)" : "backend sample (graphs off)",
+                   rc == 0 && same == S, d);
     }
     for (int s = 0; s < S && ok; s++) {
         std::vector<int> t(toks[s].begin(), toks[s].begin() + done[s]);
