@@ -271,29 +271,6 @@ static int upload_f32(struct cuda_ctx *c, float *dst, const struct se_tensor *t,
     return 0;
 }
 
-// Hugging Face's inverse frequencies, with the llama3 rescaling when configured.
-static void rope_inv_freq(const struct se_model_config *cfg, float *out)
-{
-    const int hd = cfg->head_dim;
-    for (int i = 0; i < hd / 2; i++) {
-        double f = 1.0 / pow((double)cfg->rope_theta, (double)(2 * i) / hd);
-        if (cfg->rope_llama3) {
-            const double old = cfg->rope_original_max_position;
-            const double lo_wl = old / cfg->rope_low_freq_factor;
-            const double hi_wl = old / cfg->rope_high_freq_factor;
-            const double wl = 2.0 * 3.14159265358979323846 / f;
-            if (wl > lo_wl) {
-                f = f / cfg->rope_factor;
-            } else if (wl >= hi_wl) {
-                const double sm = (old / wl - cfg->rope_low_freq_factor) /
-                                  (cfg->rope_high_freq_factor - cfg->rope_low_freq_factor);
-                f = (1.0 - sm) * f / cfg->rope_factor + sm * f;
-            }
-        }
-        out[i] = (float)f;
-    }
-}
-
 static size_t weight_bytes(const struct se_model_config *cfg, bool tied)
 {
     const size_t h = (size_t)cfg->hidden_size, qd = (size_t)cfg->n_heads * cfg->head_dim,
@@ -403,7 +380,7 @@ static int cuda_load(void *vctx, const struct se_model_config *cfg, const struct
         ctx_failf(c, SP_ENOMEM, "out of host memory");
         return SP_ENOMEM;
     }
-    rope_inv_freq(cfg, inv);
+    se__cu_rope_inv_freq(cfg, inv);
     rc = weight_alloc(c, (void **)&c->inv_freq, (size_t)cfg->head_dim / 2 * 4, "rope table");
     if (rc == 0 && cudaMemcpy(c->inv_freq, inv, (size_t)cfg->head_dim / 2 * 4,
                               cudaMemcpyHostToDevice) != cudaSuccess)

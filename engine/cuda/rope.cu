@@ -2,6 +2,8 @@
 // first), in place on the fp32 output of the fused QKV projection.
 #include "ops.cuh"
 
+#include <math.h>
+
 __global__ void rope_kernel(float *__restrict__ qkv, int row_stride, int n_heads, int n_kv,
                             int head_dim, const float *__restrict__ bias,
                             const int32_t *__restrict__ pos, const float *__restrict__ inv_freq)
@@ -40,4 +42,28 @@ int se__cu_rope(struct se_cuda_err *e, cudaStream_t s, float *qkv, int n, int ro
     rope_kernel<<<n, 256, 0, s>>>(qkv, row_stride, n_heads, n_kv, head_dim, bias, pos, inv_freq);
     SE_CU_CHECK_LAUNCH(e, "rope_kernel");
     return 0;
+}
+
+void se__cu_rope_inv_freq(const struct se_model_config *cfg, float *out)
+{
+    const int hd = cfg->head_dim;
+    for (int i = 0; i < hd / 2; i++) {
+        double f = 1.0 / pow((double)cfg->rope_theta, (double)(2 * i) / hd);
+        if (cfg->rope_llama3) {
+            // As transformers' _compute_llama3_parameters: low frequencies (long
+            // wavelengths) divided by factor, high ones kept, a smooth blend between.
+            const double old = cfg->rope_original_max_position;
+            const double lo_wl = old / cfg->rope_low_freq_factor;
+            const double hi_wl = old / cfg->rope_high_freq_factor;
+            const double wl = 2.0 * 3.14159265358979323846 / f;
+            if (wl > lo_wl) {
+                f = f / cfg->rope_factor;
+            } else if (wl >= hi_wl) {
+                const double sm = (old / wl - cfg->rope_low_freq_factor) /
+                                  (cfg->rope_high_freq_factor - cfg->rope_low_freq_factor);
+                f = (1.0 - sm) * f / cfg->rope_factor + sm * f;
+            }
+        }
+        out[i] = (float)f;
+    }
 }

@@ -235,6 +235,40 @@ static void test_rope(void)
     }
 }
 
+// The llama3 inverse frequencies (Llama 3.1 8B's rope_scaling) against the
+// formula of transformers' _compute_llama3_parameters, in float like torch.
+static void test_rope_llama3(void)
+{
+    se_model_config c;
+    memset(&c, 0, sizeof c);
+    c.head_dim = 128;
+    c.rope_theta = 500000.0f;
+    c.rope_llama3 = true;
+    c.rope_factor = 8.0f;
+    c.rope_low_freq_factor = 1.0f;
+    c.rope_high_freq_factor = 4.0f;
+    c.rope_original_max_position = 8192;
+    std::vector<float> got(64), ref(64);
+    se__cu_rope_inv_freq(&c, got.data());
+    int n_low = 0, n_mid = 0, n_high = 0;
+    for (int i = 0; i < 64; i++) {
+        const float f = 1.0f / powf(500000.0f, (float)(2 * i) / 128.0f);
+        const float wl = 2.0f * 3.14159265358979f / f;
+        if (wl < 8192.0f / 4.0f) {
+            ref[i] = f, n_high++;
+        } else if (wl > 8192.0f / 1.0f) {
+            ref[i] = f / 8.0f, n_low++;
+        } else {
+            const float sm = (8192.0f / wl - 1.0f) / (4.0f - 1.0f);
+            ref[i] = (1 - sm) * f / 8.0f + sm * f, n_mid++;
+        }
+    }
+    check("rope llama3 inverse frequencies", got, ref, 1e-5);
+    char d[96];
+    snprintf(d, sizeof d, "%d high, %d blended, %d low frequencies", n_high, n_mid, n_low);
+    check_true("rope llama3 covers all three bands", n_high && n_mid && n_low, d);
+}
+
 static void test_swiglu(void)
 {
     const int N = 13, IM = 1000;
@@ -600,7 +634,8 @@ static void test_sample(bool quick)
 
 struct tiny_model {
     se_model_config cfg;
-    std::vector<std::vector<float>> data; // bf16-exact values, kept as f32 tensors
+    std::vector<std::vector<float>> data;    // bf16-exact values (the reference reads these)
+    std::vector<std::vector<__half>> data16; // the same values as f16 tensors (exact)
     std::vector<se_tensor> tensors;
     std::vector<se_layer_weights> layers;
     se_weights w;
@@ -611,12 +646,12 @@ static const se_tensor *tensor_of(tiny_model &m, size_t i)
     return &m.tensors[i];
 }
 
-static void make_tiny(tiny_model &m)
+static void make_tiny(tiny_model &m, se_dtype dtype)
 {
     se_model_config &c = m.cfg;
     memset(&c, 0, sizeof c);
     c.arch = SE_ARCH_QWEN2;
-    c.dtype = SE_DTYPE_F32;
+    c.dtype = dtype;
     c.vocab_size = 512;
     c.hidden_size = 256;
     c.intermediate_size = 512;
@@ -654,6 +689,7 @@ static void make_tiny(tiny_model &m)
         specs.push_back({"w_down", H, IM, 0.01f, 0.1f});
     }
     m.data.resize(specs.size());
+    m.data16.resize(specs.size());
     m.tensors.resize(specs.size());
     for (size_t i = 0; i < specs.size(); i++) {
         m.data[i] = rnd_vec((size_t)(specs[i].r * specs[i].k), specs[i].lo, specs[i].hi, true);
@@ -662,12 +698,18 @@ static void make_tiny(tiny_model &m)
                 v = fabsf(v);
         se_tensor &t = m.tensors[i];
         t.name = specs[i].name;
-        t.dtype = SE_DTYPE_F32;
+        t.dtype = dtype;
         t.n_dims = specs[i].k == 1 ? 1 : 2;
         t.shape[0] = specs[i].r;
         t.shape[1] = specs[i].k;
         t.data = m.data[i].data();
         t.nbytes = m.data[i].size() * 4;
+        if (dtype == SE_DTYPE_F16) {
+            for (float v : m.data[i])
+                m.data16[i].push_back(__float2half_rn(v));
+            t.data = m.data16[i].data();
+            t.nbytes = m.data16[i].size() * 2;
+        }
     }
     m.layers.resize(c.n_layers);
     for (int l = 0; l < c.n_layers; l++) {
@@ -787,8 +829,9 @@ static std::vector<float> ref_forward(tiny_model &m, const std::vector<int> &tok
 static void test_backend(bool graphs)
 {
     setenv("SPOOL_CUDA_GRAPHS", graphs ? "1" : "0", 1);
+    // f32 weights with graphs, f16 without: both are converted to bf16 at load.
     tiny_model m;
-    make_tiny(m);
+    make_tiny(m, graphs ? SE_DTYPE_F32 : SE_DTYPE_F16);
     se_backend be;
     char msg[512];
     CK(se__backend_cuda_new(0, 0.5f, &be, msg, sizeof msg));
@@ -912,8 +955,8 @@ static void test_backend(bool graphs)
         std::vector<int> t(toks[s].begin(), toks[s].begin() + done[s]);
         auto ref = ref_forward(m, t);
         char name[96];
-        snprintf(name, sizeof name, "backend logits seq %d (%d tokens, graphs %s)", s, done[s],
-                 graphs ? "on" : "off");
+        snprintf(name, sizeof name, "backend logits seq %d (%d tokens, %s, graphs %s)", s, done[s],
+                 graphs ? "f32" : "f16", graphs ? "on" : "off");
         check(name, got[s], ref, 1e-2);
     }
     // kv_copy is only exercised here (its result is not read back).
@@ -945,6 +988,7 @@ int main(int argc, char **argv)
     test_get_rows();
     test_rms_norm();
     test_rope();
+    test_rope_llama3();
     test_swiglu();
     test_gemm();
     test_attention(quick);
