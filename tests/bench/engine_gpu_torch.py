@@ -66,9 +66,12 @@ def main():
                 forward(model, ids[g:g + group], use_cache=False)
             torch.cuda.synchronize()
             tp = time.perf_counter() - t0
-            # Decode: one cache for the whole batch, filled by one forward.
-            out = forward(model, ids, use_cache=True)
-            pkv = out.past_key_values
+            # Decode: one cache for the whole batch, filled in slices of the prompt
+            # (about 32k tokens per forward, to bound the activations).
+            pkv, sl = None, max(1, 32768 // B)
+            for s0 in range(0, a.prompt, sl):
+                out = forward(model, ids[:, s0:s0 + sl], past_key_values=pkv, use_cache=True)
+                pkv = out.past_key_values
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             del out
             rows.append((f"prefill {a.prompt}-token prompts (B={B})", B * a.prompt / tp))
