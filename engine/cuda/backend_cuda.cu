@@ -615,33 +615,37 @@ static int padded_size(int n)
     return -1;
 }
 
-// Runs the pass through the graph captured for its padded size, capturing it
-// first. Returns 1 when graphs cannot be used (the caller runs eagerly).
+// Runs the pass through the graph captured for its padded size. The first
+// pass of a size runs eagerly (which also loads any lazily loaded kernels
+// and cuBLAS modules outside a capture) and is then captured for the next
+// ones; capture does not execute anything. When capture fails, graphs are
+// turned off for good and every later pass runs eagerly.
 static int run_graph(struct cuda_ctx *c, int gi, const struct pass *p)
 {
     struct graph_entry *g = &c->graphs[gi];
-    if (!g->n) {
-        cudaGraph_t graph = NULL;
-        SE_CU_CHECK(&c->err, cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
-        int rc = enqueue_pass(c, p);
-        cudaError_t ce = cudaStreamEndCapture(c->stream, &graph);
-        if (rc || ce != cudaSuccess) {
-            (void)cudaGetLastError();
-            if (graph)
-                cudaGraphDestroy(graph);
-            c->graphs_on = false; // capture is not possible here: eager from now on
-            return 1;
-        }
-        ce = cudaGraphInstantiate(&g->exec, graph, 0);
-        cudaGraphDestroy(graph);
-        if (ce != cudaSuccess) {
-            (void)cudaGetLastError();
-            c->graphs_on = false;
-            return 1;
-        }
-        g->n = p->n;
+    if (g->n) {
+        SE_CU_CHECK(&c->err, cudaGraphLaunch(g->exec, c->stream));
+        return 0;
     }
-    SE_CU_CHECK(&c->err, cudaGraphLaunch(g->exec, c->stream));
+    int rc = enqueue_pass(c, p);
+    if (rc)
+        return rc;
+    cudaGraph_t graph = NULL;
+    SE_CU_CHECK(&c->err, cudaStreamBeginCapture(c->stream, cudaStreamCaptureModeThreadLocal));
+    struct se_cuda_err saved = c->err;
+    rc = enqueue_pass(c, p);
+    cudaError_t ce = cudaStreamEndCapture(c->stream, &graph);
+    if (rc == 0 && ce == cudaSuccess)
+        ce = cudaGraphInstantiate(&g->exec, graph, 0);
+    if (graph)
+        cudaGraphDestroy(graph);
+    if (rc || ce != cudaSuccess) {
+        (void)cudaGetLastError();
+        c->err = saved; // not a failure of this pass, which already ran
+        c->graphs_on = false;
+        return 0;
+    }
+    g->n = p->n;
     return 0;
 }
 
@@ -772,8 +776,6 @@ static int cuda_forward(void *vctx, const struct se_batch *b, float *logits)
     p.has_multi = has_multi;
     p.has_single = has_single;
     rc = gi >= 0 ? run_graph(c, gi, &p) : enqueue_pass(c, &p);
-    if (rc == 1)
-        rc = enqueue_pass(c, &p);
     if (rc)
         return rc;
     if (b->n_logits > 0 && logits)

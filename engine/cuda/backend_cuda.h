@@ -8,7 +8,8 @@
  * padding tokens of captured decode graphs write into. forward() runs the
  * whole batch on one stream and synchronises only to read the logits back.
  * Decode-only batches (one token per sequence, every row's logits wanted) of
- * up to 256 tokens run as CUDA graphs captured once per padded batch size;
+ * up to 256 tokens run as CUDA graphs captured once per padded batch size
+ * (after the first pass of that size has run eagerly);
  * SPOOL_CUDA_GRAPHS=0 in the environment turns graphs off. It implements the
  * optional sample member (sampling on the device, from the logits of the
  * last forward, which may then be called with logits == NULL).
