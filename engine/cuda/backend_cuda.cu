@@ -7,6 +7,7 @@
 // batch is larger than any before (which drops the captured graphs, since
 // they hold the old addresses).
 #include "backend_cuda.h"
+#include "host.h"
 #include "ops.cuh"
 #include "spool/sample.h"
 
@@ -151,40 +152,6 @@ static int weight_alloc(struct cuda_ctx *c, void **p, size_t bytes, const char *
 
 // ---- weights ----
 
-static uint16_t f32_to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40); // quiet NaN
-    u += 0x7fffu + ((u >> 16) & 1u);         // round to nearest even
-    return (uint16_t)(u >> 16);
-}
-
-static float f16_to_f32(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, ex = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
-    if (ex == 0) {
-        if (man == 0) {
-            u = sign;
-        } else { // subnormal: normalise
-            ex = 127 - 15 + 1;
-            while (!(man & 0x400u)) {
-                man <<= 1;
-                ex--;
-            }
-            u = sign | (ex << 23) | ((man & 0x3ffu) << 13);
-        }
-    } else if (ex == 31) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else {
-        u = sign | ((ex - 15 + 127) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 static float elem_f32(const struct se_tensor *t, size_t i)
 {
     switch (t->dtype) {
@@ -196,7 +163,7 @@ static float elem_f32(const struct se_tensor *t, size_t i)
     case SE_DTYPE_F16: {
         uint16_t h;
         memcpy(&h, (const char *)t->data + 2 * i, 2);
-        return f16_to_f32(h);
+        return se__cu_f16_to_f32(h);
     }
     default: {
         uint16_t h;
@@ -239,7 +206,7 @@ static int upload_bf16(struct cuda_ctx *c, se_bf16 *dst, const struct se_tensor 
     for (size_t at = 0; at < n; at += chunk) {
         size_t k = n - at < chunk ? n - at : chunk;
         for (size_t i = 0; i < k; i++)
-            stage[i] = f32_to_bf16(elem_f32(t, at + i));
+            stage[i] = se__cu_f32_to_bf16(elem_f32(t, at + i));
         cudaError_t rc = cudaMemcpy(dst + at, stage, k * 2, cudaMemcpyHostToDevice);
         if (rc != cudaSuccess) {
             free(stage);

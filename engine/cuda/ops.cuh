@@ -15,7 +15,7 @@
 #define SPOOL_ENGINE_CUDA_OPS_CUH
 
 #include "common.cuh"
-#include "spool/model.h"
+#include "host.h"
 
 typedef __nv_bfloat16 se_bf16;
 
@@ -40,9 +40,7 @@ int se__cu_rope(struct se_cuda_err *e, cudaStream_t s, float *qkv, int n, int ro
                 int n_heads, int n_kv, int head_dim, const float *bias, const int32_t *pos,
                 const float *inv_freq);
 
-// The inverse frequencies (head_dim / 2) for rope, with llama3 scaling when
-// cfg->rope_llama3 (host code; computed in double, rounded to float).
-void se__cu_rope_inv_freq(const struct se_model_config *cfg, float *out);
+// The rope frequency table: se__cu_rope_inv_freq in host.h.
 
 // out(n, inter) = silu(gu[:, :inter]) * gu[:, inter:], gu (n, 2*inter).
 int se__cu_swiglu(struct se_cuda_err *e, cudaStream_t s, const float *gu, int n, int inter,

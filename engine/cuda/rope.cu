@@ -1,5 +1,6 @@
 // Rotary position embedding on q and k (with the optional q/k/v bias added
 // first), in place on the fp32 output of the fused QKV projection.
+#include "host.h"
 #include "ops.cuh"
 
 #include <math.h>
@@ -44,7 +45,7 @@ int se__cu_rope(struct se_cuda_err *e, cudaStream_t s, float *qkv, int n, int ro
     return 0;
 }
 
-void se__cu_rope_inv_freq(const struct se_model_config *cfg, float *out)
+extern "C" void se__cu_rope_inv_freq(const struct se_model_config *cfg, float *out)
 {
     const int hd = cfg->head_dim;
     for (int i = 0; i < hd / 2; i++) {
