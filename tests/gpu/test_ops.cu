@@ -959,8 +959,25 @@ static void test_backend(bool graphs)
                  graphs ? "f32" : "f16", graphs ? "on" : "off");
         check(name, got[s], ref, 1e-2);
     }
-    // kv_copy is only exercised here (its result is not read back).
-    CK(be.i->kv_copy(be.ctx, 0, 63));
+    // kv_copy: a sequence whose blocks are copies of sequence 0's must
+    // continue exactly as sequence 0 does (copy-on-write of a shared prefix).
+    if (ok) {
+        const int n0 = done[0], nb = (n0 + 1 + bs - 1) / bs;
+        std::vector<int32_t> bt2;
+        for (int k = 0; k < nb; k++) {
+            CK(be.i->kv_copy(be.ctx, 8 + k, bt[0][k]));
+            bt2.push_back(8 + k);
+        }
+        const int32_t tk[2] = {7, 7}, pos[2] = {n0, n0}, start[2] = {0, 1}, ntok[2] = {1, 1},
+                      ctx[2] = {n0 + 1, n0 + 1}, rows[2] = {0, 1};
+        const int32_t *tabs[2] = {bt[0].data(), bt2.data()};
+        se_batch b = {2, tk, pos, 2, start, ntok, ctx, tabs, 2, rows};
+        logits.assign((size_t)2 * V, NAN);
+        CK(be.i->forward(be.ctx, &b, logits.data()));
+        std::vector<float> a(logits.begin(), logits.begin() + V),
+            c(logits.begin() + V, logits.end());
+        check(graphs ? "backend kv_copy (graphs on)" : "backend kv_copy (graphs off)", c, a, 1e-6);
+    }
     be.i->free(be.ctx);
 }
 
