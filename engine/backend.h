@@ -18,6 +18,9 @@
 
 #include "spool/model.h"
 
+struct se_sampling;
+struct se_sample_result;
+
 /* A tensor as stored in a safetensors file (row-major; shape[0] is the outermost). */
 struct se_tensor {
     const char *name;
@@ -89,6 +92,22 @@ struct se_backend_i {
     /* The message of the last failure (never NULL). */
     const char *(*last_error)(void *ctx);
     void (*free)(void *ctx);
+    /*
+     * Optional (added last, so that initialisers written before it stay
+     * valid): samples one token for each of the n_logits rows of the last
+     * successful forward, on the device, as spool/sample.h defines it (the
+     * same token as se_sample on those logits, up to the order of
+     * floating-point sums). Row i uses s[i] and its sequence so far
+     * (prompt[i], n_prompt[i], generated[i], n_generated[i]) for the
+     * penalties; its position is n_prompt[i] + n_generated[i]. Fills
+     * out[i].token and out[i].logprob; out[i].n_top = 0 (no alternatives).
+     * A backend with sample also accepts logits == NULL in forward, leaving
+     * the logits on the device.
+     */
+    int (*sample)(void *ctx, int n_rows, const struct se_sampling *s,
+                  const int32_t *const *prompt, const size_t *n_prompt,
+                  const int32_t *const *generated, const size_t *n_generated,
+                  struct se_sample_result *out);
 };
 
 struct se_backend {
