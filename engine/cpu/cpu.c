@@ -16,9 +16,8 @@
 #include "spool/error.h"
 
 struct cpu_layer {
-    float *attn_norm, *ffn_norm;
-    float *wq, *wk, *wv, *wo, *bq, *bk, *bv;
-    float *w_gate, *w_up, *w_down;
+    float *attn_norm, *ffn_norm, *bq, *bk, *bv; /* small: fp32 copies */
+    struct se_mat wq, wk, wv, wo, w_gate, w_up, w_down;
 };
 
 struct cpu {
@@ -27,9 +26,16 @@ struct cpu {
     struct se_pool *pool;
     char err[512];
 
-    /* Weights, fp32, owned. lm_head == embed when tied. */
-    float *embed, *final_norm, *lm_head;
+    /*
+     * Matrices stay in their storage dtype, in the model's mapping (f32 ones
+     * are copied only when misaligned: owned[]); vectors are fp32 copies.
+     */
+    struct se_mat embed, lm_head;
+    float *final_norm;
     struct cpu_layer *layers;
+    float **owned;
+    int n_owned;
+    size_t max_mat; /* elements of the largest 16-bit matrix, for wscratch */
 
     /* Paged KV cache: per layer, (n_blocks, block_size, n_kv_heads, head_dim). */
     int n_blocks, block_size, max_ctx;
@@ -39,7 +45,8 @@ struct cpu {
 
     /* Scratch, sized for max_tokens at kv_alloc. */
     float *x, *xn, *q, *k, *v, *att, *tmp, *gate, *up, *rows;
-    float *scores; /* (n_threads, max_ctx) */
+    float *scores;   /* (n_threads, max_ctx) */
+    float *wscratch; /* a 16-bit matrix widened for sgemm (max_mat floats) */
 
     /* The batch being run, for the attention job. */
     const struct se_batch *batch;
@@ -67,14 +74,38 @@ static float *convert(const struct se_tensor *t)
     return f;
 }
 
+static int mat(struct cpu *c, const struct se_tensor *t, struct se_mat *m)
+{
+    m->dtype = t->dtype;
+    m->rows = (int)t->shape[0];
+    m->cols = (int)t->shape[1];
+    m->data = t->data;
+    size_t n = (size_t)m->rows * m->cols;
+    if (t->dtype == SE_DTYPE_F32 && (uintptr_t)t->data % sizeof(float)) {
+        float *f = convert(t);
+        float **no = realloc(c->owned, (size_t)(c->n_owned + 1) * sizeof(*no));
+        if (!f || !no) {
+            free(f);
+            if (no)
+                c->owned = no;
+            return SP_ENOMEM;
+        }
+        c->owned = no;
+        c->owned[c->n_owned++] = f;
+        m->data = f;
+    }
+    if (t->dtype != SE_DTYPE_F32 && n > c->max_mat)
+        c->max_mat = n;
+    return 0;
+}
+
 static void free_layer(struct cpu_layer *L)
 {
-    float **all[] = {&L->attn_norm, &L->ffn_norm, &L->wq, &L->wk,     &L->wv,   &L->wo,
-                     &L->bq,        &L->bk,       &L->bv, &L->w_gate, &L->w_up, &L->w_down};
-    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) {
-        free(*all[i]);
-        *all[i] = NULL;
-    }
+    free(L->attn_norm);
+    free(L->ffn_norm);
+    free(L->bq);
+    free(L->bk);
+    free(L->bv);
 }
 
 static int cpu_load(void *ctx, const struct se_model_config *cfg, const struct se_weights *w)
@@ -84,29 +115,23 @@ static int cpu_load(void *ctx, const struct se_model_config *cfg, const struct s
         return fail(c, SP_ESTATE, "cpu backend: load called twice");
     c->cfg = *cfg;
     c->layers = calloc((size_t)cfg->n_layers, sizeof(*c->layers));
-    c->embed = convert(w->embed);
     c->final_norm = convert(w->final_norm);
-    c->lm_head = w->lm_head == w->embed ? c->embed : convert(w->lm_head);
-    if (!c->layers || !c->embed || !c->final_norm || !c->lm_head)
-        return fail(c, SP_ENOMEM, "cpu backend: out of memory converting the weights");
+    if (!c->layers || !c->final_norm || mat(c, w->embed, &c->embed) ||
+        mat(c, w->lm_head, &c->lm_head))
+        return fail(c, SP_ENOMEM, "cpu backend: out of memory loading the weights");
     for (int i = 0; i < cfg->n_layers; i++) {
         const struct se_layer_weights *s = &w->layers[i];
         struct cpu_layer *L = &c->layers[i];
         L->attn_norm = convert(s->attn_norm);
         L->ffn_norm = convert(s->ffn_norm);
-        L->wq = convert(s->wq);
-        L->wk = convert(s->wk);
-        L->wv = convert(s->wv);
-        L->wo = convert(s->wo);
         L->bq = convert(s->bq);
         L->bk = convert(s->bk);
         L->bv = convert(s->bv);
-        L->w_gate = convert(s->w_gate);
-        L->w_up = convert(s->w_up);
-        L->w_down = convert(s->w_down);
-        if (!L->attn_norm || !L->ffn_norm || !L->wq || !L->wk || !L->wv || !L->wo || !L->w_gate ||
-            !L->w_up || !L->w_down || (cfg->qkv_bias && (!L->bq || !L->bk || !L->bv)))
-            return fail(c, SP_ENOMEM, "cpu backend: out of memory converting layer %d", i);
+        if (!L->attn_norm || !L->ffn_norm || (cfg->qkv_bias && (!L->bq || !L->bk || !L->bv)) ||
+            mat(c, s->wq, &L->wq) || mat(c, s->wk, &L->wk) || mat(c, s->wv, &L->wv) ||
+            mat(c, s->wo, &L->wo) || mat(c, s->w_gate, &L->w_gate) || mat(c, s->w_up, &L->w_up) ||
+            mat(c, s->w_down, &L->w_down))
+            return fail(c, SP_ENOMEM, "cpu backend: out of memory loading layer %d", i);
     }
     return 0;
 }
@@ -206,6 +231,8 @@ static int cpu_kv_alloc(void *ctx, int n_blocks, int block_size)
     c->gate = malloc(T * ff * sizeof(float));
     c->up = malloc(T * ff * sizeof(float));
     c->scores = malloc((size_t)se__pool_size(c->pool) * c->max_ctx * sizeof(float));
+    if (c->max_mat && !(c->wscratch = malloc(c->max_mat * sizeof(float))))
+        return fail(c, SP_ENOMEM, "cpu backend: out of memory for scratch buffers");
     if (!c->x || !c->xn || !c->tmp || !c->rows || !c->q || !c->att || !c->k || !c->v || !c->gate ||
         !c->up || !c->scores)
         return fail(c, SP_ENOMEM, "cpu backend: out of memory for scratch buffers");
@@ -336,16 +363,18 @@ static int cpu_forward(void *ctx, const struct se_batch *b, float *logits)
     int qd = cfg->n_heads * hd, kvd = cfg->n_kv_heads * hd, ff = cfg->intermediate_size;
     struct se_pool *pool = c->pool;
 
+    size_t esz = c->embed.dtype == SE_DTYPE_F32 ? 4 : 2;
     for (int t = 0; t < n; t++)
-        memcpy(c->x + (size_t)t * h, c->embed + (size_t)b->tokens[t] * h,
-               (size_t)h * sizeof(float));
+        se__to_f32(c->x + (size_t)t * h,
+                   (const uint8_t *)c->embed.data + (size_t)b->tokens[t] * h * esz, c->embed.dtype,
+                   (size_t)h);
     for (int l = 0; l < cfg->n_layers; l++) {
         const struct cpu_layer *L = &c->layers[l];
         for (int t = 0; t < n; t++)
             se__rmsnorm(c->xn + (size_t)t * h, c->x + (size_t)t * h, L->attn_norm, h, cfg->rms_eps);
-        se__linear(pool, c->q, c->xn, n, L->wq, L->bq, qd, h);
-        se__linear(pool, c->k, c->xn, n, L->wk, L->bk, kvd, h);
-        se__linear(pool, c->v, c->xn, n, L->wv, L->bv, kvd, h);
+        se__linear(pool, c->q, c->xn, n, &L->wq, L->bq, c->wscratch);
+        se__linear(pool, c->k, c->xn, n, &L->wk, L->bk, c->wscratch);
+        se__linear(pool, c->v, c->xn, n, &L->wv, L->bv, c->wscratch);
         for (int t = 0; t < n; t++) {
             size_t p = (size_t)b->positions[t] * half;
             se__rope(c->q + (size_t)t * qd, cfg->n_heads, hd, c->rope_cos + p, c->rope_sin + p);
@@ -355,18 +384,18 @@ static int cpu_forward(void *ctx, const struct se_batch *b, float *logits)
         c->batch = b;
         c->layer = l;
         se__pool_run(pool, attention_part, c);
-        se__linear(pool, c->tmp, c->att, n, L->wo, NULL, h, qd);
+        se__linear(pool, c->tmp, c->att, n, &L->wo, NULL, c->wscratch);
         for (size_t k = 0; k < (size_t)n * h; k++)
             c->x[k] += c->tmp[k];
         for (int t = 0; t < n; t++)
             se__rmsnorm(c->xn + (size_t)t * h, c->x + (size_t)t * h, L->ffn_norm, h, cfg->rms_eps);
-        se__linear(pool, c->gate, c->xn, n, L->w_gate, NULL, ff, h);
-        se__linear(pool, c->up, c->xn, n, L->w_up, NULL, ff, h);
+        se__linear(pool, c->gate, c->xn, n, &L->w_gate, NULL, c->wscratch);
+        se__linear(pool, c->up, c->xn, n, &L->w_up, NULL, c->wscratch);
         for (size_t k = 0; k < (size_t)n * ff; k++) {
             float g = c->gate[k];
             c->gate[k] = g / (1.0f + expf(-g)) * c->up[k];
         }
-        se__linear(pool, c->tmp, c->gate, n, L->w_down, NULL, h, ff);
+        se__linear(pool, c->tmp, c->gate, n, &L->w_down, NULL, c->wscratch);
         for (size_t k = 0; k < (size_t)n * h; k++)
             c->x[k] += c->tmp[k];
     }
@@ -375,7 +404,7 @@ static int cpu_forward(void *ctx, const struct se_batch *b, float *logits)
     for (int r = 0; r < b->n_logits; r++)
         se__rmsnorm(c->rows + (size_t)r * h, c->x + (size_t)b->logit_rows[r] * h, c->final_norm, h,
                     cfg->rms_eps);
-    se__linear(pool, logits, c->rows, b->n_logits, c->lm_head, NULL, cfg->vocab_size, h);
+    se__linear(pool, logits, c->rows, b->n_logits, &c->lm_head, NULL, c->wscratch);
     return 0;
 }
 
@@ -408,10 +437,11 @@ static void cpu_free(void *ctx)
         for (int i = 0; i < c->cfg.n_layers; i++)
             free_layer(&c->layers[i]);
     free(c->layers);
-    if (c->lm_head != c->embed)
-        free(c->lm_head);
-    free(c->embed);
+    for (int i = 0; i < c->n_owned; i++)
+        free(c->owned[i]);
+    free(c->owned);
     free(c->final_norm);
+    free(c->wscratch);
     for (int l = 0; c->k_cache && l < c->cfg.n_layers; l++)
         free(c->k_cache[l]);
     for (int l = 0; c->v_cache && l < c->cfg.n_layers; l++)
@@ -446,6 +476,7 @@ int se__backend_cpu_new(const struct se_cpu_opts *opts, struct se_backend *out)
     }
     if (o.max_tokens <= 0)
         o.max_tokens = 512;
+    se__kernels_init();
     struct cpu *c = calloc(1, sizeof(*c));
     if (!c)
         return SP_ENOMEM;

@@ -3,10 +3,8 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
-
-/* Below this many rows, the threaded matrix-vector kernel beats sgemm. */
-#define GEMM_MIN_ROWS 4
 
 static float half_to_f32(uint16_t h)
 {
@@ -69,8 +67,9 @@ void se__rmsnorm(float *y, const float *x, const float *w, int n, float eps)
         y[k] = x[k] * r * w[k];
 }
 
-static float dot(const float *a, const float *b, int n)
+static float dot_f32(const void *w, const float *b, int n)
 {
+    const float *a = w;
     float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
     int k = 0;
     for (; k + 8 <= n; k += 8) {
@@ -88,33 +87,187 @@ static float dot(const float *a, const float *b, int n)
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7));
 }
 
+/* 16-bit rows, generic: widened in blocks of 64 then dotted. */
+static float dot_16(const void *w, const float *b, int n, enum se_dtype t)
+{
+    float tmp[64], s = 0;
+    const uint8_t *p = w;
+    for (int k = 0; k < n; k += 64) {
+        int m = n - k < 64 ? n - k : 64;
+        se__to_f32(tmp, p + 2 * (size_t)k, t, (size_t)m);
+        s += dot_f32(tmp, b + k, m);
+    }
+    return s;
+}
+
+static float dot_bf16(const void *w, const float *b, int n)
+{
+    return dot_16(w, b, n, SE_DTYPE_BF16);
+}
+
+static float dot_f16(const void *w, const float *b, int n)
+{
+    return dot_16(w, b, n, SE_DTYPE_F16);
+}
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+__attribute__((target("avx2,fma"))) static float hsum256(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) static float dot_f32_avx2(const void *w, const float *b, int n)
+{
+    const float *a = w;
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(),
+           c3 = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= n; k += 32) {
+        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), c0);
+        c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), c1);
+        c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), c2);
+        c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), c3);
+    }
+    float s = hsum256(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)));
+    for (; k < n; k++)
+        s += a[k] * b[k];
+    return s;
+}
+
+__attribute__((target("avx2,fma"))) static __m256 bf16x8(const uint16_t *p)
+{
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx2,fma"))) static float dot_bf16_avx2(const void *w, const float *b, int n)
+{
+    const uint16_t *a = w;
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(),
+           c3 = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= n; k += 32) {
+        c0 = _mm256_fmadd_ps(bf16x8(a + k), _mm256_loadu_ps(b + k), c0);
+        c1 = _mm256_fmadd_ps(bf16x8(a + k + 8), _mm256_loadu_ps(b + k + 8), c1);
+        c2 = _mm256_fmadd_ps(bf16x8(a + k + 16), _mm256_loadu_ps(b + k + 16), c2);
+        c3 = _mm256_fmadd_ps(bf16x8(a + k + 24), _mm256_loadu_ps(b + k + 24), c3);
+    }
+    float s = hsum256(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)));
+    if (k < n)
+        s += dot_16(a + k, b + k, n - k, SE_DTYPE_BF16);
+    return s;
+}
+
+__attribute__((target("avx2,fma,f16c"))) static __m256 f16x8(const uint16_t *p)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+__attribute__((target("avx2,fma,f16c"))) static float dot_f16_avx2(const void *w, const float *b,
+                                                                   int n)
+{
+    const uint16_t *a = w;
+    __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(),
+           c3 = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= n; k += 32) {
+        c0 = _mm256_fmadd_ps(f16x8(a + k), _mm256_loadu_ps(b + k), c0);
+        c1 = _mm256_fmadd_ps(f16x8(a + k + 8), _mm256_loadu_ps(b + k + 8), c1);
+        c2 = _mm256_fmadd_ps(f16x8(a + k + 16), _mm256_loadu_ps(b + k + 16), c2);
+        c3 = _mm256_fmadd_ps(f16x8(a + k + 24), _mm256_loadu_ps(b + k + 24), c3);
+    }
+    float s = hsum256(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)));
+    if (k < n)
+        s += dot_16(a + k, b + k, n - k, SE_DTYPE_F16);
+    return s;
+}
+#endif
+
+typedef float (*dot_fn)(const void *w, const float *b, int n);
+/* Indexed by enum se_dtype. */
+static dot_fn dots[3] = {dot_f32, dot_f16, dot_bf16};
+static const char *kernels_name = "generic";
+int se__gemm_min_rows = 4;
+
+void se__kernels_init(void)
+{
+#if defined(__x86_64__)
+    /* SPOOL_CPU_KERNELS=generic forces the portable kernels (tests use it to check both). */
+    const char *force = getenv("SPOOL_CPU_KERNELS");
+    if (force && !strcmp(force, "generic"))
+        return;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        dots[SE_DTYPE_F32] = dot_f32_avx2;
+        dots[SE_DTYPE_BF16] = dot_bf16_avx2;
+        if (__builtin_cpu_supports("f16c"))
+            dots[SE_DTYPE_F16] = dot_f16_avx2;
+        kernels_name = "avx2";
+    }
+#endif
+}
+
+const char *se__kernels_name(void)
+{
+    return kernels_name;
+}
+
 struct matvec_job {
     float *out;
-    const float *x, *W, *bias;
-    int n, o, i;
+    const float *x, *bias;
+    const struct se_mat *W;
+    int n;
 };
 
 static void matvec_part(void *arg, int t, int nt)
 {
     const struct matvec_job *j = arg;
-    int r0 = (int)((int64_t)j->o * t / nt), r1 = (int)((int64_t)j->o * (t + 1) / nt);
+    int o = j->W->rows, in = j->W->cols;
+    size_t row_bytes = (size_t)in * (j->W->dtype == SE_DTYPE_F32 ? 4 : 2);
+    dot_fn dot = dots[j->W->dtype];
+    int r0 = (int)((int64_t)o * t / nt), r1 = (int)((int64_t)o * (t + 1) / nt);
     for (int r = r0; r < r1; r++) {
-        const float *w = j->W + (size_t)r * j->i;
+        const uint8_t *w = (const uint8_t *)j->W->data + (size_t)r * row_bytes;
         float b = j->bias ? j->bias[r] : 0.0f;
         for (int q = 0; q < j->n; q++)
-            j->out[(size_t)q * j->o + r] = dot(w, j->x + (size_t)q * j->i, j->i) + b;
+            j->out[(size_t)q * o + r] = dot(w, j->x + (size_t)q * in, in) + b;
     }
 }
 
-void se__linear(struct se_pool *pool, float *out, const float *x, int n, const float *W,
-                const float *bias, int o, int i)
+struct convert_job {
+    float *dst;
+    const struct se_mat *W;
+};
+
+static void convert_part(void *arg, int t, int nt)
 {
-    if (n < GEMM_MIN_ROWS) {
-        struct matvec_job j = {out, x, W, bias, n, o, i};
+    const struct convert_job *j = arg;
+    size_t total = (size_t)j->W->rows * j->W->cols;
+    size_t a = total * (size_t)t / (size_t)nt, b = total * (size_t)(t + 1) / (size_t)nt;
+    se__to_f32(j->dst + a, (const uint8_t *)j->W->data + 2 * a, j->W->dtype, b - a);
+}
+
+void se__linear(struct se_pool *pool, float *out, const float *x, int n, const struct se_mat *W,
+                const float *bias, float *wscratch)
+{
+    int o = W->rows, i = W->cols;
+    if (n < se__gemm_min_rows) {
+        struct matvec_job j = {out, x, bias, W, n};
         se__pool_run(pool, matvec_part, &j);
         return;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, o, i, 1.0f, x, i, W, i, 0.0f, out, o);
+    const float *w32 = W->data;
+    if (W->dtype != SE_DTYPE_F32) {
+        struct convert_job j = {wscratch, W};
+        se__pool_run(pool, convert_part, &j);
+        w32 = wscratch;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, o, i, 1.0f, x, i, w32, i, 0.0f, out, o);
     if (bias)
         for (int q = 0; q < n; q++)
             for (int r = 0; r < o; r++)

@@ -18,12 +18,30 @@ void se__to_f32(float *dst, const void *src, enum se_dtype t, size_t n);
 void se__rmsnorm(float *y, const float *x, const float *w, int n, float eps);
 
 /*
- * out (n, o) = x (n, i) . W^T with W (o, i), plus bias (o) when not NULL.
- * Many rows go to OpenBLAS sgemm; few rows to a threaded kernel that reads
- * W once for all rows.
+ * A weight matrix (rows, cols) in its storage dtype, row-major. data may be
+ * unaligned (it points into the safetensors mapping).
  */
-void se__linear(struct se_pool *pool, float *out, const float *x, int n, const float *W,
-                const float *bias, int o, int i);
+struct se_mat {
+    enum se_dtype dtype;
+    const void *data;
+    int rows, cols;
+};
+
+/* Chooses the matrix-vector kernels for this CPU (AVX2+FMA+F16C when present); call once. */
+void se__kernels_init(void);
+/* Which kernels se__kernels_init chose ("avx2" or "generic"). */
+const char *se__kernels_name(void);
+
+/*
+ * out (n, W.rows) = x (n, W.cols) . W^T, plus bias (W.rows) when not NULL.
+ * Fewer than se__gemm_min_rows rows go to a threaded kernel that reads W in
+ * its storage dtype once for all rows (decode is bound by memory bandwidth,
+ * so 16-bit weights are read as such); more rows go to OpenBLAS sgemm, after
+ * converting a 16-bit W into wscratch (W.rows x W.cols floats) on the pool.
+ */
+void se__linear(struct se_pool *pool, float *out, const float *x, int n, const struct se_mat *W,
+                const float *bias, float *wscratch);
+extern int se__gemm_min_rows;
 
 /* x (n_heads, head_dim) rotated in place with cos/sin (head_dim / 2), HF rotate_half. */
 void se__rope(float *x, int n_heads, int head_dim, const float *cos_, const float *sin_);

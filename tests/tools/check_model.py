@@ -38,10 +38,21 @@ def check(exe, d):
     V = ref.cfg['vocab_size']
     rng = np.random.default_rng(zlib.crc32(name.split('-')[0].encode()))
     prompts = [list(map(int, rng.integers(0, V, n))) for n in (7, 13, 5)]
+    ok = True
+    for kernels in ('default', 'generic'):
+        ok = check_run(exe, d, name + ' (%s kernels)' % kernels, ref, prompts, kernels) and ok
+    return ok
+
+
+def check_run(exe, d, name, ref, prompts, kernels):
+    V = ref.cfg['vocab_size']
+    env = dict(os.environ)
+    if kernels == 'generic':
+        env['SPOOL_CPU_KERNELS'] = 'generic'
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'logits.bin')
         args = [exe, d, out, str(GEN), '5', '4'] + [','.join(map(str, p)) for p in prompts]
-        res = subprocess.run(args, capture_output=True, text=True)
+        res = subprocess.run(args, capture_output=True, text=True, env=env)
         if res.returncode != 0:
             print('%s: se_logits failed: %s' % (name, res.stderr.strip()))
             return False
