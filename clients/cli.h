@@ -44,5 +44,6 @@ const char *cli_dsn(const char *flag_value);
 /* Command groups defined in their own files. */
 int cmd_dev(int argc, char **argv);
 int cmd_db(int argc, char **argv);
+int cmd_models(int argc, char **argv);
 
 #endif

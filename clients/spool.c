@@ -17,6 +17,7 @@ static int cmd_version(int argc, char **argv)
 static const struct cli_cmd commands[] = {
     {"dev", "run a private PostgreSQL for development (up, down, status, psql)", cmd_dev},
     {"db", "database administration (migrate, status)", cmd_db},
+    {"models", "inspect model directories", cmd_models},
     {"version", "print the version", cmd_version},
     {NULL, NULL, NULL},
 };
