@@ -27,7 +27,10 @@ struct se_mat {
     int rows, cols;
 };
 
-/* Chooses the matrix-vector kernels for this CPU (AVX2+FMA+F16C when present); call once. */
+/*
+ * Chooses the matrix-vector kernels for this CPU (AVX2+FMA+F16C when present)
+ * and the sgemm threshold; call once.
+ */
 void se__kernels_init(void);
 /* Which kernels se__kernels_init chose ("avx2" or "generic"). */
 const char *se__kernels_name(void);

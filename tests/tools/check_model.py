@@ -39,6 +39,8 @@ def check(exe, d):
     rng = np.random.default_rng(zlib.crc32(name.split('-')[0].encode()))
     prompts = [list(map(int, rng.integers(0, V, n))) for n in (7, 13, 5)]
     ok = True
+    # AVX2 matrix-vector kernels with sgemm from 4 rows (so prefill passes take the sgemm
+    # path), then the portable kernels with the default threshold (everything matrix-vector).
     for kernels in ('default', 'generic'):
         ok = check_run(exe, d, name + ' (%s kernels)' % kernels, ref, prompts, kernels) and ok
     return ok
@@ -49,6 +51,8 @@ def check_run(exe, d, name, ref, prompts, kernels):
     env = dict(os.environ)
     if kernels == 'generic':
         env['SPOOL_CPU_KERNELS'] = 'generic'
+    else:
+        env['SPOOL_CPU_GEMM_MIN_ROWS'] = '4'
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'logits.bin')
         args = [exe, d, out, str(GEN), '5', '4'] + [','.join(map(str, p)) for p in prompts]
