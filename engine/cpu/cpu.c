@@ -273,10 +273,7 @@ static void attention_part(void *arg, int ti, int nt)
         float mx = -INFINITY;
         for (int p = 0; p < n_ctx; p++) {
             size_t off = ((size_t)bt[p / bs] * bs + p % bs) * kvd + (size_t)kvh * hd;
-            float d = 0;
-            for (int e = 0; e < hd; e++)
-                d += qv[e] * kc[off + e];
-            sc[p] = d * scale;
+            sc[p] = se__dot(qv, kc + off, hd) * scale;
             if (sc[p] > mx)
                 mx = sc[p];
         }
@@ -290,9 +287,7 @@ static void attention_part(void *arg, int ti, int nt)
         memset(o, 0, (size_t)hd * sizeof(float));
         for (int p = 0; p < n_ctx; p++) {
             size_t off = ((size_t)bt[p / bs] * bs + p % bs) * kvd + (size_t)kvh * hd;
-            float wgt = sc[p] * inv;
-            for (int e = 0; e < hd; e++)
-                o[e] += wgt * vc[off + e];
+            se__axpy(o, sc[p] * inv, vc + off, hd);
         }
     }
 }
@@ -486,7 +481,12 @@ int se__backend_cpu_new(const struct se_cpu_opts *opts, struct se_backend *out)
         free(c);
         return SP_ENOMEM;
     }
-    openblas_set_num_threads(o.n_threads);
+    /*
+     * The pool splits each sgemm across its threads, one single-threaded call
+     * each, so that OpenBLAS's own threads never compete with the pool's
+     * (this setting is process-wide).
+     */
+    openblas_set_num_threads(1);
     out->i = &cpu_i;
     out->ctx = c;
     return 0;

@@ -207,7 +207,31 @@ __attribute__((target("avx2,fma,f16c"))) static void widen_f16_avx2(float *dst, 
         _mm256_storeu_ps(dst + k, f16x8(a + k));
     se__to_f32(dst + k, a + k, SE_DTYPE_F16, n - k);
 }
+
+__attribute__((target("avx2,fma"))) static void axpy_avx2(float *y, float a, const float *x, int n)
+{
+    __m256 va = _mm256_set1_ps(a);
+    int k = 0;
+    for (; k + 8 <= n; k += 8)
+        _mm256_storeu_ps(y + k,
+                         _mm256_fmadd_ps(va, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
+    for (; k < n; k++)
+        y[k] += a * x[k];
+}
 #endif
+
+static void axpy_generic(float *y, float a, const float *x, int n)
+{
+    for (int k = 0; k < n; k++)
+        y[k] += a * x[k];
+}
+
+static void (*axpy_fn)(float *y, float a, const float *x, int n) = axpy_generic;
+
+void se__axpy(float *y, float a, const float *x, int n)
+{
+    axpy_fn(y, a, x, n);
+}
 
 static void widen_bf16(float *dst, const void *src, size_t n)
 {
@@ -229,10 +253,10 @@ static dot_fn dots[3] = {dot_f32, dot_f16, dot_bf16};
 static const char *kernels_name = "generic";
 /*
  * Measured on the 2-core test machine (2048 x 768 bf16, AVX2 widening
- * included): the matrix-vector kernel wins below about 32 rows, sgemm from
- * 32 (2.2 ms each at 32 rows; 3.7 vs 8.7 ms at 64).
+ * included, sgemm split over the pool): the matrix-vector kernel wins below
+ * about 16 rows (0.6 vs 1.2 ms at 8), sgemm from 16 (2.7 vs 4.6 ms at 32).
  */
-int se__gemm_min_rows = 32;
+int se__gemm_min_rows = 16;
 
 void se__kernels_init(void)
 {
@@ -251,6 +275,7 @@ void se__kernels_init(void)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         dots[SE_DTYPE_F32] = dot_f32_avx2;
         dots[SE_DTYPE_BF16] = dot_bf16_avx2;
+        axpy_fn = axpy_avx2;
         widens[SE_DTYPE_BF16] = widen_bf16_avx2;
         if (__builtin_cpu_supports("f16c")) {
             dots[SE_DTYPE_F16] = dot_f16_avx2;
@@ -259,6 +284,11 @@ void se__kernels_init(void)
         kernels_name = "avx2";
     }
 #endif
+}
+
+float se__dot(const float *a, const float *b, int n)
+{
+    return dots[SE_DTYPE_F32](a, b, n);
 }
 
 const char *se__kernels_name(void)

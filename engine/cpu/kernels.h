@@ -46,6 +46,11 @@ void se__linear(struct se_pool *pool, float *out, const float *x, int n, const s
                 const float *bias, float *wscratch);
 extern int se__gemm_min_rows;
 
+/* The dot product of a and b (n floats each), with the chosen kernels. */
+float se__dot(const float *a, const float *b, int n);
+/* y += a * x over n floats. */
+void se__axpy(float *y, float a, const float *x, int n);
+
 /* x (n_heads, head_dim) rotated in place with cos/sin (head_dim / 2), HF rotate_half. */
 void se__rope(float *x, int n_heads, int head_dim, const float *cos_, const float *sin_);
 
