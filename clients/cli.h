@@ -45,5 +45,6 @@ const char *cli_dsn(const char *flag_value);
 int cmd_dev(int argc, char **argv);
 int cmd_db(int argc, char **argv);
 int cmd_models(int argc, char **argv);
+int cmd_tokenize(int argc, char **argv);
 
 #endif

@@ -18,6 +18,7 @@ static const struct cli_cmd commands[] = {
     {"dev", "run a private PostgreSQL for development (up, down, status, psql)", cmd_dev},
     {"db", "database administration (migrate, status)", cmd_db},
     {"models", "inspect model directories", cmd_models},
+    {"tokenize", "show how a model's tokenizer splits a text", cmd_tokenize},
     {"version", "print the version", cmd_version},
     {NULL, NULL, NULL},
 };

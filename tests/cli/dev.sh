@@ -25,7 +25,7 @@ run_cycle() { # $1: SPOOL_HOME; the rest: command prefix (e.g. runuser ...)
     "$@" env SPOOL_HOME="$home" "$spool" dev up >/dev/null
     "$@" env SPOOL_HOME="$home" "$spool" dev status | grep -q '^cluster: running'
     v=$("$@" env SPOOL_HOME="$home" "$spool" dev psql -XAtc 'SELECT spool.schema_version()')
-    [[ $v == 0001_* ]] || { echo "unexpected schema version '$v'"; exit 1; }
+    [[ $v == [0-9][0-9][0-9][0-9]_*.sql ]] || { echo "unexpected schema version '$v'"; exit 1; }
     "$@" env SPOOL_HOME="$home" SPOOL_DSN="$dsn" "$spool" db migrate | grep -q '^0 migration(s) applied'
     "$@" env SPOOL_HOME="$home" "$spool" dev down
     if "$@" env SPOOL_HOME="$home" "$spool" dev status >/dev/null; then echo "status after down should fail"; exit 1; fi

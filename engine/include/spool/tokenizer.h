@@ -5,7 +5,28 @@
  * special tokens and the normalizers these families use. Encoding and decoding
  * agree with Hugging Face's own implementation.
  *
- * A tokenizer is immutable once opened and may be used from several threads.
+ * A tokenizer is immutable once opened and may be used from several threads
+ * (each call keeps its working memory to itself; a se_detok_t belongs to one
+ * thread at a time).
+ *
+ * Supported tokenizer.json parts: model BPE (merges as "a b" or ["a", "b"],
+ * unk_token, fuse_unk, byte_fallback, ignore_merges); normalizers NFC, NFD,
+ * NFKC, NFKD, Prepend, Replace (string pattern) and Sequences of them;
+ * pre-tokenizers Split (regex or string, Isolated or Removed), ByteLevel
+ * (with or without the GPT-2 regex, add_prefix_space) and Metaspace
+ * (prepend_scheme always / first / never, split); post-processors
+ * TemplateProcessing and ByteLevel; decoders ByteLevel, Metaspace and
+ * Sequences of Replace, ByteFallback, Fuse and Strip (leading spaces).
+ * Anything else (WordPiece, Unigram, ...) is SP_EUNSUPPORTED, naming it.
+ *
+ * Where Hugging Face's Rust library (what models are trained with) and its
+ * JavaScript port differ, this follows the Rust library: \s in Split patterns
+ * is Unicode White_Space as in Oniguruma (U+0085 included, U+FEFF and U+180E
+ * not), and bytes decoded by ByteFallback keep a leading U+FEFF.
+ * clean_up_tokenization_spaces is not applied (the supported families set it
+ * false). Added tokens match leftmost-longest; lstrip / rstrip take the
+ * whitespace beside the token into it and single_word requires no letter,
+ * digit or '_' beside it, as in Rust.
  */
 #ifndef SPOOL_TOKENIZER_H
 #define SPOOL_TOKENIZER_H
@@ -18,13 +39,21 @@ typedef struct se_tokenizer se_tokenizer_t;
 
 /*
  * Opens dir/tokenizer.json and, when present, dir/tokenizer_config.json (chat
- * template, bos/eos, add_bos_token). Returns 0, or SP_ENOENT / SP_ECORRUPT /
+ * template, bos/eos, additional_special_tokens; whether a bos is added comes
+ * from tokenizer.json's post-processor, as in Hugging Face). Returns 0, or SP_ENOENT / SP_ECORRUPT /
  * SP_EUNSUPPORTED with err naming the file and what was wrong in it.
  */
 int se_tokenizer_open(const char *dir, se_tokenizer_t **out, char *err, size_t errcap);
 /* As se_tokenizer_open, from explicit files; config_path may be NULL. */
 int se_tokenizer_open_files(const char *tokenizer_json, const char *config_path,
                             se_tokenizer_t **out, char *err, size_t errcap);
+/*
+ * As se_tokenizer_open_files, from the contents of the files in memory (as
+ * a fuzzer or a caller holding them in an archive has them); config_json may
+ * be NULL. Messages name the files "tokenizer.json" and "tokenizer_config.json".
+ */
+int se_tokenizer_open_buffer(const char *json, size_t len, const char *config_json,
+                             size_t config_len, se_tokenizer_t **out, char *err, size_t errcap);
 void se_tokenizer_close(se_tokenizer_t *tok);
 
 /* Number of ids (vocabulary plus added tokens): one past the largest id. */
@@ -44,18 +73,25 @@ bool se_tokenizer_is_special(const se_tokenizer_t *tok, int32_t id);
  * Encodes len bytes of text as Hugging Face's encode(text, add_special_tokens)
  * does: special tokens written in the text are recognised; with add_special
  * the post-processor's tokens (such as a bos) are added. Invalid UTF-8 is
- * handled as the reference does. On success *ids is malloc'd (caller frees)
- * and holds *n ids.
+ * never an error: each maximal invalid subsequence is first replaced by
+ * U+FFFD (the WHATWG / Python errors="replace" rule), so the result is that of
+ * encoding the lossily decoded string. On success *ids is malloc'd (caller
+ * frees, also when *n is 0) and holds *n ids. Returns SP_EINVAL for text NULL
+ * with len > 0, SP_ENOMEM.
  */
-int se_tokenizer_encode(const se_tokenizer_t *tok, const char *text, size_t len,
-                        bool add_special, int32_t **ids, size_t *n);
+int se_tokenizer_encode(const se_tokenizer_t *tok, const char *text, size_t len, bool add_special,
+                        int32_t **ids, size_t *n);
 
 /*
- * Decodes ids as Hugging Face's decode(ids, skip_special_tokens) does. On
- * success *text is malloc'd, NUL-terminated, with *len bytes.
+ * Decodes ids as Hugging Face's decode(ids, skip_special_tokens) does (without
+ * clean_up_tokenization_spaces, which the supported families turn off). Bytes
+ * that do not form valid UTF-8 become U+FFFD, one per maximal invalid
+ * subsequence (also after ByteFallback, where Rust writes one per byte; such
+ * bytes never come from encoding a text). On success *text is malloc'd, NUL-terminated, with *len bytes.
+ * Returns SP_EINVAL for an id outside the vocabulary.
  */
-int se_tokenizer_decode(const se_tokenizer_t *tok, const int32_t *ids, size_t n,
-                        bool skip_special, char **text, size_t *len);
+int se_tokenizer_decode(const se_tokenizer_t *tok, const int32_t *ids, size_t n, bool skip_special,
+                        char **text, size_t *len);
 
 /*
  * Streaming decoder: feed tokens one at a time and receive only complete text;
