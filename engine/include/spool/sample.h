@@ -11,6 +11,9 @@
  * presence, frequency) on the raw logits, then temperature, then top-k, top-p
  * and min-p filtering, then a draw. temperature == 0 is greedy (argmax after
  * penalties; ties go to the lowest id).
+ *
+ * The exact definition (the RNG, the order of candidates, the draw) is in
+ * docs/architecture.md, "Sampling"; the CUDA sampler implements the same one.
  */
 #ifndef SPOOL_SAMPLE_H
 #define SPOOL_SAMPLE_H
@@ -49,6 +52,13 @@ void se_sampling_default(struct se_sampling *s);
  */
 int se_sampling_validate(const struct se_sampling *s, int n_vocab, char *err, size_t errcap);
 
+/*
+ * Log-probabilities are natural logs under the distribution the token was
+ * drawn from before truncation: penalties and temperature applied, softmax
+ * over the whole vocabulary, top-k / top-p / min-p not applied (greedy: the
+ * penalised distribution at temperature 1). top_* are sorted, most probable
+ * first, ties to the lower id.
+ */
 struct se_sample_result {
     int32_t token;
     float logprob; /* log-probability of token under the final distribution */
@@ -58,8 +68,12 @@ struct se_sample_result {
 };
 
 /*
- * Scratch space for sampling over a vocabulary of n_vocab; one per thread.
- * Allocated once, so that sampling allocates nothing per token.
+ * Scratch space for sampling over a vocabulary of n_vocab; one per thread
+ * (a sampler is not thread-safe, but holds no state between calls, so any
+ * sampler may serve any sequence). Allocated once, about 43 bytes per
+ * vocabulary entry, so that sampling allocates nothing per token.
+ * se_sampler_new returns NULL when n_vocab <= 0 or memory is short; the caller
+ * frees it with se_sampler_free (NULL is allowed).
  */
 typedef struct se_sampler se_sampler_t;
 se_sampler_t *se_sampler_new(int n_vocab);
@@ -67,8 +81,14 @@ void se_sampler_free(se_sampler_t *s);
 
 /*
  * Samples the token at position (= n_prompt + n_generated) from logits
- * (n_vocab floats, modified in place). prompt/generated are the sequence so
- * far, for the penalties. Returns 0 or a negative SP_E* code.
+ * (n_vocab floats, modified in place: on return they hold the penalised,
+ * temperature-scaled logits). prompt/generated are the sequence so far, for
+ * the penalties: keep them apart when resuming (presence and frequency count
+ * generated tokens only); they are read only when a penalty is on. s should
+ * have passed se_sampling_validate; out-of-range values cannot make this
+ * unsafe, only meaningless. Returns 0, SP_EINVAL (a history token outside
+ * [0, n_vocab), a negative or NaN temperature, a NULL argument) or
+ * SP_EBACKEND (a NaN or +inf logit, or every logit -inf).
  */
 int se_sample(se_sampler_t *sm, const struct se_sampling *s, float *logits, const int32_t *prompt,
               size_t n_prompt, const int32_t *generated, size_t n_generated,
@@ -81,7 +101,11 @@ double se_sample_uniform(uint64_t seed, uint64_t position);
  * Stop strings over generated text. Returns the offset in text (len bytes) at
  * which the earliest stop string begins, or -1 when none occurs. *safe (may be
  * NULL) receives how many bytes may be emitted to a streaming client now: all
- * of text except a tail that could still grow into a stop string.
+ * of text except a tail that could still grow into a stop string (or, when one
+ * was found, the text before it), never ending inside a UTF-8 character nor
+ * with a character still incomplete at the end of text. Streaming callers
+ * pass only the text not yet emitted (the held-back tail plus the new piece):
+ * no stop string can begin in text already emitted.
  */
 long se_stop_find(const struct se_sampling *s, const char *text, size_t len, size_t *safe);
 
