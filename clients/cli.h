@@ -46,5 +46,6 @@ int cmd_dev(int argc, char **argv);
 int cmd_db(int argc, char **argv);
 int cmd_models(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
+int cmd_generate(int argc, char **argv);
 
 #endif
