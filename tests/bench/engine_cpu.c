@@ -12,7 +12,6 @@
  * the floor and measured / floor. For real numbers unset OPENBLAS_CORETYPE
  * or set it to SkylakeX (see NOTES.md).
  */
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +19,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "cpu/cpu.h"
 #include "model/weights.h"
 #include "spool/error.h"
@@ -29,61 +29,6 @@
 #define PROMPT 256
 #define DECODE 64
 #define BLOCK  16
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
-/* STREAM triad a = b + s * c over n floats split across threads; 3 arrays of traffic. */
-struct triad {
-    float *a, *b, *c;
-    size_t lo, hi;
-};
-
-static void *triad_part(void *p)
-{
-    const struct triad *t = p;
-    /* Locals with restrict: the build's -fno-strict-aliasing would reload t's fields. */
-    float *restrict a = t->a;
-    const float *restrict b = t->b, *restrict c = t->c;
-    for (size_t i = t->lo; i < t->hi; i++)
-        a[i] = b[i] + 3.0f * c[i];
-    return NULL;
-}
-
-static double membw_gbps(int n_threads)
-{
-    size_t n = (size_t)48 << 20; /* 192 MB per array, far beyond any cache */
-    float *a = malloc(n * 4), *b = malloc(n * 4), *c = malloc(n * 4);
-    if (!a || !b || !c)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        a[i] = 0, b[i] = 1, c[i] = 2;
-    double best = 0;
-    pthread_t th[64];
-    struct triad parts[64];
-    if (n_threads > 64)
-        n_threads = 64;
-    for (int rep = 0; rep < 10; rep++) {
-        double t0 = now();
-        for (int k = 0; k < n_threads; k++) {
-            parts[k] = (struct triad){a, b, c, n * k / n_threads, n * (k + 1) / n_threads};
-            pthread_create(&th[k], NULL, triad_part, &parts[k]);
-        }
-        for (int k = 0; k < n_threads; k++)
-            pthread_join(th[k], NULL);
-        double gbps = 3.0 * n * 4 / (now() - t0) / 1e9;
-        if (gbps > best)
-            best = gbps;
-    }
-    free(a);
-    free(b);
-    free(c);
-    return best;
-}
 
 static size_t mat_bytes(const struct se_tensor *t)
 {
@@ -128,7 +73,7 @@ int main(int argc, char **argv)
                   mat_bytes(L->w_gate) + mat_bytes(L->w_up) + mat_bytes(L->w_down);
     }
 
-    double bw = membw_gbps(n_threads);
+    double bw = bench_membw_gbps((size_t)768 << 20, n_threads);
 
     struct se_backend be;
     struct se_cpu_opts opts = {.n_threads = n_threads, .max_tokens = PROMPT};
@@ -159,12 +104,12 @@ int main(int argc, char **argv)
                          .logit_rows = &row};
     double prefill_best = 1e30;
     for (int rep = 0; rep < 3; rep++) {
-        double t0 = now();
+        double t0 = bench_now();
         if (be.i->forward(be.ctx, &b, logits)) {
             fprintf(stderr, "engine_cpu: %s\n", be.i->last_error(be.ctx));
             return 1;
         }
-        double dt = now() - t0;
+        double dt = bench_now() - t0;
         if (dt < prefill_best)
             prefill_best = dt;
     }
@@ -172,7 +117,7 @@ int main(int argc, char **argv)
     ntok = 1;
     b.n_tokens = 1;
     row = 0;
-    double t0 = now();
+    double t0 = bench_now();
     for (int i = 0; i < DECODE; i++) {
         int best = 0;
         for (int v = 1; v < cfg->vocab_size; v++)
@@ -186,13 +131,13 @@ int main(int argc, char **argv)
             return 1;
         }
     }
-    double decode_s = (now() - t0) / DECODE;
+    double decode_s = (bench_now() - t0) / DECODE;
     double floor_s = wbytes / (bw * 1e9);
     const char *ct = getenv("OPENBLAS_CORETYPE");
     printf("model            %s (%s, %.1fM parameters, %s)\n", dir, cfg->arch_name,
            cfg->n_params / 1e6, se_dtype_name(cfg->dtype));
     printf("threads          %d (OPENBLAS_CORETYPE=%s)\n", n_threads, ct ? ct : "unset");
-    printf("memory bandwidth %.1f GB/s (STREAM triad)\n", bw);
+    printf("memory bandwidth %.1f GB/s (STREAM triad, bench_membw_gbps)\n", bw);
     printf("prefill          %.0f tokens/s (%d-token prompt, one pass)\n", PROMPT / prefill_best,
            PROMPT);
     printf("decode           %.1f tokens/s, %.2f ms/token (batch 1, %d tokens)\n", 1 / decode_s,
