@@ -367,9 +367,10 @@ static int cpu_forward(void *ctx, const struct se_batch *b, float *logits)
         const struct cpu_layer *L = &c->layers[l];
         for (int t = 0; t < n; t++)
             se__rmsnorm(c->xn + (size_t)t * h, c->x + (size_t)t * h, L->attn_norm, h, cfg->rms_eps);
-        se__linear(pool, c->q, c->xn, n, &L->wq, L->bq, c->wscratch);
-        se__linear(pool, c->k, c->xn, n, &L->wk, L->bk, c->wscratch);
-        se__linear(pool, c->v, c->xn, n, &L->wv, L->bv, c->wscratch);
+        float *qkv_out[3] = {c->q, c->k, c->v};
+        const struct se_mat *qkv[3] = {&L->wq, &L->wk, &L->wv};
+        const float *qkv_bias[3] = {L->bq, L->bk, L->bv};
+        se__linear_fused(pool, 3, qkv_out, c->xn, n, qkv, qkv_bias, c->wscratch);
         for (int t = 0; t < n; t++) {
             size_t p = (size_t)b->positions[t] * half;
             se__rope(c->q + (size_t)t * qd, cfg->n_heads, hd, c->rope_cos + p, c->rope_sin + p);
@@ -384,8 +385,10 @@ static int cpu_forward(void *ctx, const struct se_batch *b, float *logits)
             c->x[k] += c->tmp[k];
         for (int t = 0; t < n; t++)
             se__rmsnorm(c->xn + (size_t)t * h, c->x + (size_t)t * h, L->ffn_norm, h, cfg->rms_eps);
-        se__linear(pool, c->gate, c->xn, n, &L->w_gate, NULL, c->wscratch);
-        se__linear(pool, c->up, c->xn, n, &L->w_up, NULL, c->wscratch);
+        float *gu_out[2] = {c->gate, c->up};
+        const struct se_mat *gu[2] = {&L->w_gate, &L->w_up};
+        const float *gu_bias[2] = {NULL, NULL};
+        se__linear_fused(pool, 2, gu_out, c->xn, n, gu, gu_bias, c->wscratch);
         for (size_t k = 0; k < (size_t)n * ff; k++) {
             float g = c->gate[k];
             c->gate[k] = g / (1.0f + expf(-g)) * c->up[k];

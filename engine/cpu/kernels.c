@@ -296,25 +296,37 @@ const char *se__kernels_name(void)
     return kernels_name;
 }
 
+/*
+ * Up to SE_MAX_FUSED products of the same input, run as one pool job: the
+ * threads split the rows of all matrices together, so that decode pays one
+ * dispatch for q, k and v (or gate and up) instead of one each.
+ */
 struct matvec_job {
-    float *out;
-    const float *x, *bias;
-    const struct se_mat *W;
-    int n;
+    const float *x;
+    int n, n_mats, total_rows;
+    const struct se_mat *W[SE_MAX_FUSED];
+    float *out[SE_MAX_FUSED];
+    const float *bias[SE_MAX_FUSED];
 };
 
 static void matvec_part(void *arg, int t, int nt)
 {
     const struct matvec_job *j = arg;
-    int o = j->W->rows, in = j->W->cols;
-    size_t row_bytes = (size_t)in * (j->W->dtype == SE_DTYPE_F32 ? 4 : 2);
-    dot_fn dot = dots[j->W->dtype];
-    int r0 = (int)((int64_t)o * t / nt), r1 = (int)((int64_t)o * (t + 1) / nt);
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *w = (const uint8_t *)j->W->data + (size_t)r * row_bytes;
-        float b = j->bias ? j->bias[r] : 0.0f;
-        for (int q = 0; q < j->n; q++)
-            j->out[(size_t)q * o + r] = dot(w, j->x + (size_t)q * in, in) + b;
+    int g0 = (int)((int64_t)j->total_rows * t / nt),
+        g1 = (int)((int64_t)j->total_rows * (t + 1) / nt);
+    int base = 0;
+    for (int m = 0; m < j->n_mats && base < g1; base += j->W[m]->rows, m++) {
+        const struct se_mat *W = j->W[m];
+        int o = W->rows, in = W->cols;
+        int r0 = g0 - base > 0 ? g0 - base : 0, r1 = g1 - base < o ? g1 - base : o;
+        size_t row_bytes = (size_t)in * (W->dtype == SE_DTYPE_F32 ? 4 : 2);
+        dot_fn dot = dots[W->dtype];
+        for (int r = r0; r < r1; r++) {
+            const uint8_t *w = (const uint8_t *)W->data + (size_t)r * row_bytes;
+            float b = j->bias[m] ? j->bias[m][r] : 0.0f;
+            for (int q = 0; q < j->n; q++)
+                j->out[m][(size_t)q * o + r] = dot(w, j->x + (size_t)q * in, in) + b;
+        }
     }
 }
 
@@ -336,7 +348,10 @@ void se__linear(struct se_pool *pool, float *out, const float *x, int n, const s
 {
     int o = W->rows, i = W->cols;
     if (n < se__gemm_min_rows) {
-        struct matvec_job j = {out, x, bias, W, n};
+        struct matvec_job j = {.x = x, .n = n, .n_mats = 1, .total_rows = o};
+        j.W[0] = W;
+        j.out[0] = out;
+        j.bias[0] = bias;
         se__pool_run(pool, matvec_part, &j);
         return;
     }
@@ -364,4 +379,22 @@ void se__rope(float *x, int n_heads, int head_dim, const float *cos_, const floa
             v[k + half] = b * cos_[k] + a * sin_[k];
         }
     }
+}
+
+void se__linear_fused(struct se_pool *pool, int n_mats, float *const *out, const float *x, int n,
+                      const struct se_mat *const *W, const float *const *bias, float *wscratch)
+{
+    if (n >= se__gemm_min_rows || n_mats > SE_MAX_FUSED) {
+        for (int m = 0; m < n_mats; m++)
+            se__linear(pool, out[m], x, n, W[m], bias[m], wscratch);
+        return;
+    }
+    struct matvec_job j = {.x = x, .n = n, .n_mats = n_mats};
+    for (int m = 0; m < n_mats; m++) {
+        j.W[m] = W[m];
+        j.out[m] = out[m];
+        j.bias[m] = bias[m];
+        j.total_rows += W[m]->rows;
+    }
+    se__pool_run(pool, matvec_part, &j);
 }

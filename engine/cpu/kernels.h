@@ -46,6 +46,14 @@ void se__linear(struct se_pool *pool, float *out, const float *x, int n, const s
                 const float *bias, float *wscratch);
 extern int se__gemm_min_rows;
 
+#define SE_MAX_FUSED 3
+/*
+ * As se__linear for n_mats matrices over the same x (same cols), out[m] and
+ * bias[m] (may be NULL) for each; with few rows they run as one pool job.
+ */
+void se__linear_fused(struct se_pool *pool, int n_mats, float *const *out, const float *x, int n,
+                      const struct se_mat *const *W, const float *const *bias, float *wscratch);
+
 /* The dot product of a and b (n floats each), with the chosen kernels. */
 float se__dot(const float *a, const float *b, int n);
 /* y += a * x over n floats. */
