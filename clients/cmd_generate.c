@@ -1,0 +1,369 @@
+/* `spool generate`: runs prompts through the engine on this machine's CPU. */
+#include "cli.h"
+
+#include "spool/engine.h"
+#include "spool/error.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct job {
+    char *text; /* prompt text (chat rendered), malloc'd */
+    bool chat;
+    int32_t *ids;
+    size_t n_ids;
+    struct se_sampling sp;
+    int32_t seq;
+    char *out;
+    size_t out_len, out_cap;
+    enum se_finish finish;
+    int n_prompt, n_gen;
+};
+
+static const char *usage =
+    "usage: spool generate --model DIR (--prompt TEXT | --chat JSON | --prompts FILE.jsonl)\n"
+    "                      [--max-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
+    "                      [--threads N] [--json]\n\n"
+    "Generates text for each prompt with the model in DIR on the CPU; all prompts run\n"
+    "together in one continuous batch.\n"
+    "  --prompt TEXT       one plain prompt (the tokenizer adds its bos, if any)\n"
+    "  --chat JSON         one conversation: [{\"role\": \"user\", \"content\": \"...\"}, ...],\n"
+    "                      rendered with the model's chat template\n"
+    "  --prompts FILE      one JSON object per line: {\"prompt\": TEXT} or {\"messages\": [...]},\n"
+    "                      optionally with max_tokens, temperature, top_p, seed\n"
+    "  --max-tokens N      most tokens to generate (default 64)\n"
+    "  --temperature T     0 = greedy (default 1)\n"
+    "  --top-p P           nucleus sampling, in (0, 1] (default 1)\n"
+    "  --seed S            sampling seed (default 0); runs with the same seed repeat\n"
+    "  --threads N         CPU threads (default: all cores)\n"
+    "  --json              print one JSON object per prompt: text, token_ids,\n"
+    "                      finish_reason, prompt_tokens, completion_tokens\n";
+
+static int parse_num(const char *s, double lo, double hi, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= lo && v <= hi))
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* Renders a messages array; returns 0 or prints the error and returns CLI_FAIL. */
+static int render_chat(const se_tokenizer_t *tok, json_t *msgs, const char *where, char **text)
+{
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0)
+        return cli_fail("%s: messages must be a non-empty JSON array of {role, content}", where);
+    size_t n = json_array_size(msgs);
+    struct se_chat_msg *m = calloc(n, sizeof(*m));
+    if (!m)
+        return cli_fail("out of memory");
+    for (size_t i = 0; i < n; i++) {
+        json_t *o = json_array_get(msgs, i);
+        json_t *r = json_object_get(o, "role"), *c = json_object_get(o, "content");
+        if (!json_is_string(r) || !json_is_string(c)) {
+            free(m);
+            return cli_fail("%s: message %zu needs string \"role\" and \"content\"", where, i + 1);
+        }
+        m[i].role = json_string_value(r);
+        m[i].content = json_string_value(c);
+    }
+    char err[512];
+    int rc = se_chat_render(tok, m, n, true, text, err, sizeof(err));
+    free(m);
+    if (rc)
+        return cli_fail("%s: %s", where, err);
+    return 0;
+}
+
+static int add_job(struct job **jobs, size_t *n, const struct job *j)
+{
+    struct job *nj = realloc(*jobs, (*n + 1) * sizeof(*nj));
+    if (!nj)
+        return -1;
+    *jobs = nj;
+    nj[(*n)++] = *j;
+    return 0;
+}
+
+/* Reads FILE.jsonl into jobs; per-line fields override the defaults in base. */
+static int read_prompts(const char *path, const se_tokenizer_t *tok, const struct se_sampling *base,
+                        struct job **jobs, size_t *n)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return cli_fail("%s: %s", path, strerror(errno));
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t len;
+    int lineno = 0, rc = 0;
+    while (!rc && (len = getline(&line, &cap, f)) >= 0) {
+        lineno++;
+        char where[600];
+        snprintf(where, sizeof(where), "%s:%d", path, lineno);
+        if (strspn(line, " \t\r\n") == (size_t)len)
+            continue;
+        json_error_t je;
+        json_t *o = json_loads(line, 0, &je);
+        if (!json_is_object(o)) {
+            rc = cli_fail("%s: not a JSON object (%s)", where, o ? "wrong type" : je.text);
+            json_decref(o);
+            break;
+        }
+        struct job j = {.sp = *base};
+        json_t *p = json_object_get(o, "prompt"), *msgs = json_object_get(o, "messages");
+        if (json_is_string(p)) {
+            j.text = strdup(json_string_value(p));
+        } else if (msgs) {
+            rc = render_chat(tok, msgs, where, &j.text);
+            j.chat = true;
+        } else {
+            rc = cli_fail("%s: needs \"prompt\" (a string) or \"messages\"", where);
+        }
+        json_t *v;
+        if (!rc && (v = json_object_get(o, "max_tokens")) && json_is_integer(v))
+            j.sp.max_tokens = (int)json_integer_value(v);
+        if (!rc && (v = json_object_get(o, "temperature")) && json_is_number(v))
+            j.sp.temperature = (float)json_number_value(v);
+        if (!rc && (v = json_object_get(o, "top_p")) && json_is_number(v))
+            j.sp.top_p = (float)json_number_value(v);
+        if (!rc && (v = json_object_get(o, "seed")) && json_is_integer(v))
+            j.sp.seed = (uint64_t)json_integer_value(v);
+        json_decref(o);
+        if (!rc && (!j.text || add_job(jobs, n, &j)))
+            rc = cli_fail("out of memory");
+        if (rc)
+            free(j.text);
+    }
+    free(line);
+    fclose(f);
+    if (!rc && *n == 0)
+        rc = cli_fail("%s: no prompts", path);
+    return rc;
+}
+
+static void print_json(const struct job *j, size_t index)
+{
+    json_t *ids = json_array();
+    for (int i = 0; i < j->n_gen; i++)
+        json_array_append_new(ids, json_integer(j->ids[j->n_ids + (size_t)i]));
+    json_t *o = json_pack("{s:I, s:s%, s:o, s:s, s:i, s:i}", "index", (json_int_t)index, "text",
+                          j->out ? j->out : "", j->out_len, "token_ids", ids, "finish_reason",
+                          se_finish_name(j->finish), "prompt_tokens", j->n_prompt,
+                          "completion_tokens", j->n_gen);
+    char *s = json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII);
+    puts(s);
+    free(s);
+    json_decref(o);
+}
+
+int cmd_generate(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"model", required_argument, NULL, 'm'},
+        {"prompt", required_argument, NULL, 'p'},
+        {"chat", required_argument, NULL, 'c'},
+        {"prompts", required_argument, NULL, 'f'},
+        {"max-tokens", required_argument, NULL, 'n'},
+        {"temperature", required_argument, NULL, 't'},
+        {"top-p", required_argument, NULL, 'P'},
+        {"seed", required_argument, NULL, 's'},
+        {"threads", required_argument, NULL, 'T'},
+        {"json", no_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *model_dir = NULL, *prompt = NULL, *chat = NULL, *prompts = NULL;
+    struct se_sampling sp;
+    se_sampling_default(&sp);
+    sp.max_tokens = 64;
+    int threads = 0;
+    bool json = false;
+    double v;
+    int ch;
+    const char *prog = "spool generate";
+    optind = 1;
+    while ((ch = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'm':
+            model_dir = optarg;
+            break;
+        case 'p':
+            prompt = optarg;
+            break;
+        case 'c':
+            chat = optarg;
+            break;
+        case 'f':
+            prompts = optarg;
+            break;
+        case 'n':
+            if (parse_num(optarg, 1, 1 << 24, &v) || v != (int)v)
+                return cli_usage_error(prog, "--max-tokens must be a positive integer");
+            sp.max_tokens = (int)v;
+            break;
+        case 't':
+            if (parse_num(optarg, 0, 100, &v))
+                return cli_usage_error(prog, "--temperature must be a number >= 0");
+            sp.temperature = (float)v;
+            break;
+        case 'P':
+            if (parse_num(optarg, 0, 1, &v) || v == 0)
+                return cli_usage_error(prog, "--top-p must be in (0, 1]");
+            sp.top_p = (float)v;
+            break;
+        case 's':
+            if (parse_num(optarg, 0, 1.8e19, &v) || v != (double)(uint64_t)v)
+                return cli_usage_error(prog, "--seed must be a non-negative integer");
+            sp.seed = strtoull(optarg, NULL, 10);
+            break;
+        case 'T':
+            if (parse_num(optarg, 1, 1024, &v) || v != (int)v)
+                return cli_usage_error(prog, "--threads must be a positive integer");
+            threads = (int)v;
+            break;
+        case 'j':
+            json = true;
+            break;
+        case 'h':
+            fputs(usage, stdout);
+            return CLI_OK;
+        default:
+            return cli_usage_error(prog, "bad option");
+        }
+    }
+    if (optind < argc)
+        return cli_usage_error(prog, "unexpected argument '%s'", argv[optind]);
+    if (!model_dir)
+        return cli_usage_error(prog, "--model DIR is required");
+    if (!!prompt + !!chat + !!prompts != 1)
+        return cli_usage_error(prog, "give exactly one of --prompt, --chat, --prompts");
+
+    char err[1024];
+    se_model_t *model = NULL;
+    se_tokenizer_t *tok = NULL;
+    se_engine_t *eng = NULL;
+    struct job *jobs = NULL;
+    size_t n_jobs = 0;
+    int rc = CLI_OK;
+    if (se_model_open(model_dir, &model, err, sizeof(err))) {
+        rc = cli_fail("%s", err);
+        goto out;
+    }
+    if (se_tokenizer_open(model_dir, &tok, err, sizeof(err))) {
+        rc = cli_fail("%s", err);
+        goto out;
+    }
+    if (prompt) {
+        struct job j = {.text = strdup(prompt), .sp = sp};
+        if (!j.text || add_job(&jobs, &n_jobs, &j)) {
+            free(j.text);
+            rc = cli_fail("out of memory");
+            goto out;
+        }
+    } else if (chat) {
+        json_error_t je;
+        json_t *msgs = json_loads(chat, 0, &je);
+        if (!msgs) {
+            rc = cli_fail("--chat: invalid JSON at column %d: %s", je.column, je.text);
+            goto out;
+        }
+        struct job j = {.sp = sp, .chat = true};
+        rc = render_chat(tok, msgs, "--chat", &j.text);
+        json_decref(msgs);
+        if (rc || add_job(&jobs, &n_jobs, &j)) {
+            free(j.text);
+            rc = rc ? rc : cli_fail("out of memory");
+            goto out;
+        }
+    } else if ((rc = read_prompts(prompts, tok, &sp, &jobs, &n_jobs))) {
+        goto out;
+    }
+    struct se_engine_opts eo = {.n_threads = threads, .tok = tok};
+    if (se_engine_open(model, &eo, &eng, err, sizeof(err))) {
+        rc = cli_fail("%s", err);
+        goto out;
+    }
+    for (size_t i = 0; i < n_jobs; i++) {
+        struct job *j = &jobs[i];
+        if (!*j->text) {
+            rc = cli_fail("prompt %zu is empty: give some text to continue", i + 1);
+            goto out;
+        }
+        if (se_tokenizer_encode(tok, j->text, strlen(j->text), !j->chat, &j->ids, &j->n_ids)) {
+            rc = cli_fail("prompt %zu: cannot tokenize", i + 1);
+            goto out;
+        }
+        /* Room for the generated ids after the prompt's. */
+        int32_t *grown = realloc(j->ids, (j->n_ids + (size_t)j->sp.max_tokens) * sizeof(int32_t));
+        if (!grown) {
+            rc = cli_fail("out of memory");
+            goto out;
+        }
+        j->ids = grown;
+        struct se_seq_params p = {
+            .prompt = j->ids, .n_prompt = j->n_ids, .sampling = j->sp, .user = i};
+        int src = se_engine_submit(eng, &p, &j->seq, err, sizeof(err));
+        if (src) {
+            rc = cli_fail("prompt %zu: %s", i + 1, err);
+            goto out;
+        }
+    }
+    for (;;) {
+        const struct se_event *ev;
+        int n = se_engine_step(eng, &ev);
+        if (n < 0) {
+            rc = cli_fail("generation failed: %s", se_engine_error(eng));
+            goto out;
+        }
+        for (int k = 0; k < n; k++) {
+            struct job *j = &jobs[ev[k].user];
+            if (ev[k].token >= 0)
+                j->ids[j->n_ids + (size_t)j->n_gen] = ev[k].token;
+            j->n_gen = ev[k].n_generated;
+            j->n_prompt = ev[k].n_prompt;
+            j->finish = ev[k].finish;
+            if (ev[k].text_len) {
+                size_t need = j->out_len + ev[k].text_len + 1;
+                if (need > j->out_cap) {
+                    char *no = realloc(j->out, need * 2);
+                    if (!no) {
+                        rc = cli_fail("out of memory");
+                        goto out;
+                    }
+                    j->out = no;
+                    j->out_cap = need * 2;
+                }
+                memcpy(j->out + j->out_len, ev[k].text, ev[k].text_len);
+                j->out_len += ev[k].text_len;
+                j->out[j->out_len] = 0;
+            }
+        }
+        if (n == 0 && se_engine_n_active(eng) == 0)
+            break;
+    }
+    for (size_t i = 0; i < n_jobs; i++) {
+        if (json)
+            print_json(&jobs[i], i);
+        else if (n_jobs == 1)
+            printf("%s\n", jobs[i].out ? jobs[i].out : "");
+        else
+            printf("[%zu] %s\n", i + 1, jobs[i].out ? jobs[i].out : "");
+    }
+out:
+    for (size_t i = 0; i < n_jobs; i++) {
+        free(jobs[i].text);
+        free(jobs[i].ids);
+        free(jobs[i].out);
+    }
+    free(jobs);
+    se_engine_close(eng);
+    if (tok)
+        se_tokenizer_close(tok);
+    se_model_close(model);
+    return rc;
+}

@@ -1,0 +1,57 @@
+#!/bin/bash
+# spool generate on mkmodel.py's tiny models: JSON output, seeded repeats, chat,
+# several prompts in one batch, and clear failures (never a crash) for bad input.
+set -uo pipefail
+spool=$1
+models=$2
+fail=0
+tmp=$(mktemp -d /tmp/spool-generate-XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+check() { # check CODE PATTERN CMD...
+    local want=$1 pat=$2; shift 2
+    "$@" >"$tmp/out" 2>&1
+    local got=$?
+    if [ "$got" != "$want" ] || ! grep -q -- "$pat" "$tmp/out"; then
+        echo "FAIL: '$*' exited $got (want $want), output lacks '$pat':"; cat "$tmp/out"; fail=1
+    fi
+}
+m=$models/llama-f32
+check 0 '"finish_reason":"length","prompt_tokens":[0-9]*,"completion_tokens":8}' \
+    "$spool" generate --model "$m" --prompt "the quick brown fox" --max-tokens 8 --temperature 0 --json
+# Seeded sampling repeats; the text mode prints the same text as --json.
+"$spool" generate --model "$m" --prompt "hello there" --max-tokens 12 --temperature 0.9 --top-p 0.9 --seed 7 --json >"$tmp/a" 2>&1
+"$spool" generate --model "$m" --prompt "hello there" --max-tokens 12 --temperature 0.9 --top-p 0.9 --seed 7 --json >"$tmp/b" 2>&1
+cmp -s "$tmp/a" "$tmp/b" || { echo "FAIL: seeded runs differ"; cat "$tmp/a" "$tmp/b"; fail=1; }
+grep -q '"completion_tokens":12' "$tmp/a" || { echo "FAIL: seeded run: $(cat "$tmp/a")"; fail=1; }
+check 0 '"finish_reason"' "$spool" generate --model "$models/mistral-f32" --json \
+    --chat '[{"role": "user", "content": "Hi!"}]' --max-tokens 4
+check 0 '"finish_reason"' "$spool" generate --model "$models/qwen2-bf16" --json \
+    --chat '[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]' --max-tokens 4
+check 0 '"finish_reason"' "$spool" generate --model "$models/llama3-f16" --json \
+    --chat '[{"role": "user", "content": "Hi!"}]' --max-tokens 4
+printf '%s\n' '{"prompt": "one"}' '' '{"prompt": "two two", "max_tokens": 3}' \
+    '{"messages": [{"role": "user", "content": "three"}], "max_tokens": 5}' >"$tmp/p.jsonl"
+check 0 '"index":2' "$spool" generate --model "$m" --prompts "$tmp/p.jsonl" --json --temperature 0
+[ "$(grep -c '"index"' "$tmp/out")" = 3 ] || { echo "FAIL: expected 3 results"; cat "$tmp/out"; fail=1; }
+grep '"index":1' "$tmp/out" | grep -q '"completion_tokens":3' || { echo "FAIL: per-line max_tokens"; fail=1; }
+
+# Bad input: clear messages, exit 1 (runtime) or 2 (usage).
+check 1 'prompt 1 is empty' "$spool" generate --model "$m" --prompt ""
+long=$(for i in $(seq 400); do printf 'the cat sat '; done)
+check 1 'context' "$spool" generate --model "$m" --prompt "$long"
+check 1 'No such file' "$spool" generate --model "$tmp/none" --prompt hi
+cp -r "$m" "$tmp/bad"
+echo '{"architectures": ["LlamaForCausalLM"], "hidden_size": [' >"$tmp/bad/config.json"
+check 1 'config.json:' "$spool" generate --model "$tmp/bad" --prompt hi
+check 2 'required' "$spool" generate --prompt hi
+check 2 'exactly one' "$spool" generate --model "$m" --prompt hi --chat '[]'
+check 2 'top-p' "$spool" generate --model "$m" --prompt hi --top-p 1.5
+check 2 'max-tokens' "$spool" generate --model "$m" --prompt hi --max-tokens 0
+check 1 'invalid JSON' "$spool" generate --model "$m" --chat '[{"role": '
+check 1 'role' "$spool" generate --model "$m" --chat '[{"content": "x"}]'
+echo '{"prompt": 5}' >"$tmp/bad.jsonl"
+check 1 'bad.jsonl:1' "$spool" generate --model "$m" --prompts "$tmp/bad.jsonl"
+echo 'nope' >"$tmp/bad.jsonl"
+check 1 'bad.jsonl:1: not a JSON object' "$spool" generate --model "$m" --prompts "$tmp/bad.jsonl"
+[ $fail = 0 ] && echo ok
+exit $fail
