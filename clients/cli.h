@@ -48,4 +48,10 @@ int cmd_models(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
 
+/* The model registry (cmd_registry.c), under `spool models`. */
+int models_push(int argc, char **argv);
+int models_list(int argc, char **argv);
+int models_show(int argc, char **argv);
+int models_alias(int argc, char **argv);
+
 #endif

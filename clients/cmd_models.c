@@ -100,6 +100,10 @@ static int models_inspect(int argc, char **argv)
 
 static const struct cli_cmd models_commands[] = {
     {"inspect", "describe a Hugging Face model directory", models_inspect},
+    {"push", "register a model directory as the next version of a name", models_push},
+    {"list", "list registered models", models_list},
+    {"show", "show a registered model's versions (NAME) or one version (NAME@V)", models_show},
+    {"alias", "point an alias (prod, canary, ...) at a version", models_alias},
     {NULL, NULL, NULL},
 };
 

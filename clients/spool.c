@@ -18,7 +18,7 @@ static const struct cli_cmd commands[] = {
     {"dev", "run a private PostgreSQL for development (up, down, status, psql)", cmd_dev},
     {"db", "database administration (migrate, status)", cmd_db},
     {"generate", "generate text with a model on this machine's CPU", cmd_generate},
-    {"models", "inspect model directories", cmd_models},
+    {"models", "the model registry (push, list, show, alias) and inspect", cmd_models},
     {"tokenize", "show how a model's tokenizer splits a text", cmd_tokenize},
     {"version", "print the version", cmd_version},
     {NULL, NULL, NULL},
