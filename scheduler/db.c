@@ -22,7 +22,7 @@
 
 bool sched_db_up(const struct sched *s)
 {
-    return s->db && sp_pgconn_is_up(s->db);
+    return s->db && s->schema_checked && sp_pgconn_is_up(s->db);
 }
 
 struct revoke_ctx {
@@ -81,11 +81,47 @@ static void on_notify(sp_pgconn_t *c, const char *channel, const char *payload, 
     sched_sweep(s);
 }
 
+/*
+ * The schema check: the scheduler needs 0004's functions. A database
+ * without them is a setup error that waiting will not fix: exit 1.
+ */
+static void on_schema(sp_pgconn_t *c, PGresult *res, const char *err, void *arg)
+{
+    (void)c;
+    struct sched *s = arg;
+    if (s->stopping)
+        return;
+    if (err && res) {
+        sp_error("the database has no Spool schema (run 'spool db migrate'): %s", err);
+        sched_shutdown(s, 1);
+        return;
+    }
+    if (err) /* the connection broke: checked again on the next on_up */
+        return;
+    if (strcmp(PQgetvalue(res, 0, 1), "t") != 0) {
+        sp_error("the database's Spool schema (%s) predates this scheduler: "
+                 "spool.placement_candidates is missing; run 'spool db migrate'",
+                 PQgetvalue(res, 0, 0));
+        sched_shutdown(s, 1);
+        return;
+    }
+    s->schema_checked = true;
+    sp_info("schema %s", PQgetvalue(res, 0, 0));
+    sched_leader_db_up(s);
+}
+
 static void on_up(sp_pgconn_t *c, void *arg)
 {
     (void)c;
     struct sched *s = arg;
     sp_info("work connection ready");
+    if (!s->schema_checked) {
+        sp_pgconn_query(s->db,
+                        "SELECT spool.schema_version(), "
+                        "to_regproc('spool.placement_candidates') IS NOT NULL",
+                        0, NULL, on_schema, s);
+        return;
+    }
     if (s->active)
         sched_sweep(s);
     else

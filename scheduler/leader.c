@@ -24,7 +24,10 @@ void sched_step_down(struct sched *s, const char *why)
 {
     if (!s->active)
         return;
-    sp_warn("no longer active: %s", why);
+    if (s->stopping)
+        sp_info("no longer active: %s", why);
+    else
+        sp_warn("no longer active: %s", why);
     s->active = false;
     s->epoch++;
     sched_listener_close(s);

@@ -4,8 +4,9 @@
  * shutdown. See scheduler.h for how the other files divide the work and
  * docs/architecture.md ("The scheduler") for the whole picture.
  *
- * Exit codes: 0 after SIGTERM/SIGINT, 1 when the database or the loop cannot
- * be set up, 2 for a usage error.
+ * Exit codes: 0 after SIGTERM/SIGINT; 1 when it cannot start (a DSN that
+ * does not parse) or the database has no (or too old a) Spool schema; 2 for
+ * a usage error. A database that cannot be reached is waited for.
  */
 #include "scheduler.h"
 
@@ -45,19 +46,23 @@ static const char usage[] =
 
 static struct sched sched;
 
-static void on_signal(uv_signal_t *h, int signum)
+void sched_shutdown(struct sched *s, int exit_code)
 {
-    sp_info("received %s; shutting down", strsignal(signum));
-    struct sched *s = &sched;
     if (s->stopping)
         return;
     s->stopping = true;
+    s->exit_code = exit_code;
     sched_sweep_stop(s);
     sched_leader_stop(s);
     sched_db_close(s);
-    uv_signal_t *sigs = h->data;
-    uv_close((uv_handle_t *)&sigs[0], NULL);
-    uv_close((uv_handle_t *)&sigs[1], NULL);
+    uv_close((uv_handle_t *)&s->sigs[0], NULL);
+    uv_close((uv_handle_t *)&s->sigs[1], NULL);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    sp_info("received %s; shutting down", strsignal(signum));
+    sched_shutdown(h->data, 0);
 }
 
 static const char *env_or(const char *name, const char *dflt)
@@ -220,13 +225,12 @@ int main(int argc, char **argv)
         sp_error("cannot start: %s (check --dsn)", sp_strerror(rc));
         return 1;
     }
-    uv_signal_t sigs[2];
     for (int i = 0; i < 2; i++) {
-        uv_signal_init(s->loop, &sigs[i]);
-        sigs[i].data = sigs;
+        uv_signal_init(s->loop, &s->sigs[i]);
+        s->sigs[i].data = s;
     }
-    uv_signal_start(&sigs[0], on_signal, SIGTERM);
-    uv_signal_start(&sigs[1], on_signal, SIGINT);
+    uv_signal_start(&s->sigs[0], on_signal, SIGTERM);
+    uv_signal_start(&s->sigs[1], on_signal, SIGINT);
     sp_info("standing by for the scheduler lock; worker protocol on %s:%d when active",
             cfg->listen_host, cfg->listen_port);
     uv_run(s->loop, UV_RUN_DEFAULT);
@@ -235,5 +239,5 @@ int main(int argc, char **argv)
     if (rc)
         sp_warn("loop closed with handles open: %s", uv_strerror(rc));
     sp_info("stopped");
-    return 0;
+    return s->exit_code;
 }

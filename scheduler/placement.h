@@ -17,7 +17,8 @@
  *    target, fill x max_batch, so that its engine batch stays full while
  *    shards start and finish; the shard that crosses the target is still
  *    given (a worker with room always gets at least one shard). Draining
- *    workers take nothing.
+ *    workers take nothing, nor (decided by the caller, sweep.c) workers that
+ *    missed three heartbeats.
  * 4. The worker for a shard: one with the job's pinned model (by digest)
  *    loaded, else any; among those, the least loaded relative to its target;
  *    then the earlier one in the input.

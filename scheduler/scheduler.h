@@ -96,7 +96,14 @@ struct sched {
     bool sweeping, sweep_again;
 
     bool stopping;
+    bool schema_checked; /* the work connection found 0004's functions once */
+    int exit_code;       /* main's return value: 0, or 1 after a fatal setup error */
+    uv_signal_t sigs[2]; /* SIGTERM, SIGINT */
 };
+
+/* main.c */
+/* Stops everything; uv_run returns once every handle has closed. Idempotent. */
+void sched_shutdown(struct sched *s, int exit_code);
 
 /* leader.c */
 int sched_leader_start(struct sched *s);

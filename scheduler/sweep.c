@@ -102,6 +102,20 @@ static void on_lease(sp_pgconn_t *c, PGresult *res, const char *err, void *arg)
         sweep_end(sw);
 }
 
+/*
+ * A worker that has missed three heartbeats (or a whole lease ttl, if that
+ * is shorter) is likely dead or hung: its leases are about to expire, so it
+ * gets nothing new until it speaks again.
+ */
+static bool silent(struct sched *s, const struct sched_worker *w)
+{
+    uint64_t limit = 3ull * s->cfg.heartbeat_ms;
+    if (limit > s->cfg.lease_ttl_ms)
+        limit = s->cfg.lease_ttl_ms;
+    uv_update_time(s->loop);
+    return uv_now(s->loop) - w->last_beat > limit;
+}
+
 static void on_candidates(sp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
@@ -142,10 +156,7 @@ static void on_candidates(sp_pgconn_t *c, PGresult *res, const char *err, void *
         pw[i] = (struct place_worker){
             .load = w->load,
             .target = target > 0 ? target : 1,
-            /* A worker silent for a whole lease ttl is likely dead or hung:
-             * its leases are about to expire, so give it nothing new. */
-            .accepting = w->state == SW_ACTIVE && w->conn &&
-                         uv_now(s->loop) - w->last_beat < s->cfg.lease_ttl_ms,
+            .accepting = w->state == SW_ACTIVE && w->conn && !silent(s, w),
             .digests = (const char *const *)w->digests,
             .n_digests = w->n_digests,
         };

@@ -6,7 +6,7 @@
  *              its worker_id keeps its row), then REGISTERED {worker_id,
  *              heartbeat_ms, lease_ttl_ms}
  *   HEARTBEAT  spool.renew_leases(worker, ttl); free_slots and the time
- *              are kept (a worker silent for a lease ttl gets no new work)
+ *              are kept (a worker that misses three heartbeats gets no new work)
  *   PROGRESS   logged
  *   DONE       spool.release_shard(shard, token, 'done'), then a sweep
  *   RELEASE    spool.release_shard(shard, token, reason), then a sweep; a
@@ -114,7 +114,9 @@ static void on_logged(sp_pgconn_t *c, PGresult *res, const char *err, void *arg)
     (void)c;
     (void)res;
     struct wctx *x = arg;
-    if (err)
+    if (err && x->w->s->stopping)
+        sp_debug("worker %" PRId64 ": %s: %s", x->w->id, x->what, err);
+    else if (err)
         sp_warn("worker %" PRId64 ": %s: %s", x->w->id, x->what, err);
     wctx_free(x);
 }

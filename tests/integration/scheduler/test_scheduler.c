@@ -37,6 +37,9 @@ static struct pgt pg;
 static PGconn *db;
 static uv_loop_t loop;
 static char tmpdir[256];
+/* One cluster for the whole file; each test gets a fresh database made from
+ * the migrated one (advisory locks are per database, so tests do not meet). */
+static char test_dsn[600];
 
 static const char DIGEST_A[] = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 static const char DIGEST_B[] = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
@@ -103,10 +106,10 @@ static long long submit(const char *model, const char *tenant, int priority, int
 
 /* ---- the scheduler process ----------------------------------------------- */
 
-static pid_t start_scheduler(const char *port_file)
+static pid_t start_scheduler_on(const char *dsn_in, const char *port_file)
 {
     char dsn[600];
-    snprintf(dsn, sizeof dsn, "%s", pg.dsn);
+    snprintf(dsn, sizeof dsn, "%s", dsn_in);
     unlink(port_file);
     pid_t pid = fork();
     assert_true(pid >= 0);
@@ -123,6 +126,11 @@ static pid_t start_scheduler(const char *port_file)
         _exit(127);
     }
     return pid;
+}
+
+static pid_t start_scheduler(const char *port_file)
+{
+    return start_scheduler_on(test_dsn, port_file);
 }
 
 /* SIGTERM and an exit status of 0 (under ASan this includes the leak check). */
@@ -425,11 +433,40 @@ static bool file_exists(void *arg)
 
 static char port_file[2][300];
 
-static int setup(void **state)
+static int test_no;
+
+static int group_setup(void **state)
 {
     (void)state;
     pgt_start(&pg, true);
-    db = pgt_connect(&pg);
+    return 0;
+}
+
+static int group_teardown(void **state)
+{
+    (void)state;
+    pgt_stop(&pg);
+    return 0;
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    char admin_dsn[600], sql[256], name[32];
+    sp_cluster_dsn(&pg.cluster, "postgres", admin_dsn, sizeof admin_dsn);
+    PGconn *adm = PQconnectdb(admin_dsn);
+    assert_int_equal(PQstatus(adm), CONNECTION_OK);
+    snprintf(name, sizeof name, "t%d", ++test_no);
+    snprintf(sql, sizeof sql, "CREATE DATABASE %s TEMPLATE %s", name, pg.cluster.dbname);
+    PGresult *r = PQexec(adm, sql);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK)
+        fail_msg("%s: %s", sql, PQresultErrorMessage(r));
+    PQclear(r);
+    PQfinish(adm);
+    sp_cluster_dsn(&pg.cluster, name, test_dsn, sizeof test_dsn);
+    db = PQconnectdb(test_dsn);
+    assert_int_equal(PQstatus(db), CONNECTION_OK);
+    PQclear(PQexec(db, "SET client_min_messages = warning"));
     uv_loop_init(&loop);
     add_model("m", DIGEST_A);
     add_model("n", DIGEST_B);
@@ -444,7 +481,6 @@ static int teardown(void **state)
     uv_run(&loop, UV_RUN_DEFAULT); /* let closing handles finish */
     assert_int_equal(uv_loop_close(&loop), 0);
     PQfinish(db);
-    pgt_stop(&pg);
     return 0;
 }
 
@@ -681,7 +717,10 @@ static void priority_and_cancel(void **state)
     stop_scheduler(sched);
 }
 
-/* A worker's DRAIN stops assignment to it and records the preemption notice. */
+/*
+ * A worker's DRAIN stops assignment to it and records the preemption notice;
+ * its RELEASE puts the shard back, and another worker resumes it.
+ */
 static void drain_stops_assignment(void **state)
 {
     (void)state;
@@ -689,6 +728,12 @@ static void drain_stops_assignment(void **state)
     struct fw a, b;
     fw_init(&a, "fw-a", DIGEST_A, 4, port_file[0]);
     assert_true(wait_until(is_registered, &a, WAIT_MS));
+    long long j1 = submit("m", "acme", 0, 4);
+    want_assigns = 1;
+    assert_true(wait_until(has_assigns, &a, WAIT_MS));
+    assert_int_equal(a.assigns[0].job, j1);
+
+    /* The preemption notice, then the shard given back unfinished. */
     struct sp_wire_frame f = {.type = SP_WIRE_DRAIN};
     f.drain = (struct sp_wire_drain){"spot notice", 30000};
     send_frame(&a, &f);
@@ -700,14 +745,32 @@ static void drain_stops_assignment(void **state)
                          " AND source = 'spot notice'",
                          a.worker_id),
                      1);
-    long long job = submit("m", "acme", 0, 4);
+    struct sp_wire_frame r = {.type = SP_WIRE_RELEASE};
+    r.release = (struct sp_wire_release){a.assigns[0].shard, a.assigns[0].token, "preempted"};
+    send_frame(&a, &r);
+    snprintf(
+        cond, sizeof cond,
+        "SELECT state = 'pending' AND lease_token IS NULL FROM spool.shards WHERE id = %" PRIu64,
+        a.assigns[0].shard);
+    assert_true(wait_sql(cond, WAIT_MS));
+
+    long long j2 = submit("m", "acme", 0, 4);
     run_for(1000);
-    assert_int_equal(a.n_assigns, 0);
+    assert_int_equal(a.n_assigns, 1); /* draining: nothing new, not even its own shard back */
     fw_init(&b, "fw-b", NULL, 4, port_file[0]);
-    want_assigns = 1;
+    want_assigns = 2;
     assert_true(wait_until(has_assigns, &b, WAIT_MS));
-    assert_int_equal(b.assigns[0].job, job);
-    assert_int_equal(a.n_assigns, 0);
+    bool got_j1 = false, got_j2 = false;
+    for (int i = 0; i < 2; i++) {
+        if (b.assigns[i].job == (uint64_t)j1) {
+            got_j1 = true;
+            assert_int_equal(b.assigns[i].shard, a.assigns[0].shard);
+            assert_true(b.assigns[i].token > a.assigns[0].token);
+        }
+        got_j2 |= b.assigns[i].job == (uint64_t)j2;
+    }
+    assert_true(got_j1 && got_j2);
+    assert_int_equal(a.n_assigns, 1);
     fw_close(&a);
     fw_close(&b);
     stop_scheduler(sched);
@@ -792,6 +855,27 @@ static void postgres_restart(void **state)
     stop_scheduler(sched);
 }
 
+/* A database without the Spool schema is a setup error: exit 1, no listener. */
+static void no_schema_exits_1(void **state)
+{
+    (void)state;
+    char dsn[600];
+    pgt_createdb(&pg, "empty", dsn, sizeof dsn);
+    pid_t pid = start_scheduler_on(dsn, port_file[0]);
+    int st = 0;
+    pid_t r = 0;
+    for (uint64_t end = now_ms() + WAIT_MS; r == 0 && now_ms() < end; usleep(20000))
+        r = waitpid(pid, &st, WNOHANG);
+    if (r == 0) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &st, 0);
+        fail_msg("the scheduler kept running on a database without the schema");
+    }
+    assert_true(WIFEXITED(st));
+    assert_int_equal(WEXITSTATUS(st), 1);
+    assert_false(file_exists(port_file[0]));
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -815,8 +899,9 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(drain_stops_assignment, setup, teardown),
         cmocka_unit_test_setup_teardown(standby_takes_over, setup, teardown),
         cmocka_unit_test_setup_teardown(postgres_restart, setup, teardown),
+        cmocka_unit_test_setup_teardown(no_schema_exits_1, setup, teardown),
     };
-    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    int rc = cmocka_run_group_tests(tests, group_setup, group_teardown);
     for (int i = 0; i < 2; i++) {
         char p[400];
         snprintf(p, sizeof p, "%s/port%d", tmpdir, i);
