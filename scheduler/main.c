@@ -107,6 +107,14 @@ static bool parse_listen(const char *v, struct sched_config *cfg)
     memcpy(cfg->listen_host, h, hl);
     cfg->listen_host[hl] = '\0';
     cfg->listen_port = (int)port;
+    struct sockaddr_in6 a6;
+    struct sockaddr_in a4;
+    if (uv_ip4_addr(cfg->listen_host, 0, &a4) != 0 && uv_ip6_addr(cfg->listen_host, 0, &a6) != 0) {
+        fprintf(stderr,
+                "usage error: --listen host '%s' is not an IP address (names are not resolved)\n",
+                cfg->listen_host);
+        return false;
+    }
     return true;
 }
 

@@ -164,6 +164,17 @@ static void on_registered(sp_pgconn_t *c, PGresult *res, const char *err, void *
         return;
     }
     w->id = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    /* A worker that reconnected before its old connection was seen to end:
+     * the old one goes, without marking the (now re-registered) row gone. */
+    for (struct sched_worker *o = s->workers; o; o = o->next) {
+        if (o != w && o->id == w->id && o->conn) {
+            sp_info("worker %" PRId64 ": a new connection replaces the one from %s", w->id,
+                    sp_wire_conn_peer(o->conn));
+            o->gone_recorded = true;
+            o->state = SW_DRAINING;
+            sp_wire_conn_close(o->conn);
+        }
+    }
     w->state = SW_ACTIVE;
     w->last_beat = uv_now(s->loop);
     struct sp_wire_frame f = {.type = SP_WIRE_REGISTERED};
@@ -179,7 +190,6 @@ static void on_registered(sp_pgconn_t *c, PGresult *res, const char *err, void *
 
 static void handle_register(struct sched_worker *w, const struct sp_wire_register *r)
 {
-    struct sched *s = w->s;
     snprintf(w->name, sizeof w->name, "%s", r->name);
     w->max_batch = r->max_batch;
     json_t *models = json_array();
@@ -202,7 +212,6 @@ static void handle_register(struct sched_worker *w, const struct sp_wire_registe
     query_for(w, "registering", "SELECT spool.register_worker($1, $2, $3, $4, $5, $6, $7, $8)", 8,
               p, on_registered);
     free(models_json);
-    (void)s;
 }
 
 static void on_released(sp_pgconn_t *c, PGresult *res, const char *err, void *arg)

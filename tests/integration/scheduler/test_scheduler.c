@@ -855,6 +855,95 @@ static void postgres_restart(void **state)
     stop_scheduler(sched);
 }
 
+/*
+ * A worker that reconnects (quoting its id) before its old connection was
+ * seen to end keeps its row; the old connection is closed, and the row is
+ * not marked gone by it.
+ */
+static void reconnect_replaces_old_connection(void **state)
+{
+    (void)state;
+    pid_t sched = start_scheduler(port_file[0]);
+    struct fw a, b;
+    fw_init(&a, "fw-a", DIGEST_A, 4, port_file[0]);
+    assert_true(wait_until(is_registered, &a, WAIT_MS));
+    a.reconnect = false;
+    fw_init(&b, "fw-a", DIGEST_A, 4, NULL);
+    uv_timer_stop(&b.retry);
+    b.worker_id = a.worker_id;
+    b.port_files[0] = port_file[0];
+    fw_connect(&b);
+    assert_true(wait_until(is_registered, &b, WAIT_MS));
+    assert_int_equal(b.worker_id, a.worker_id);
+    assert_true(wait_until(was_closed, &a, WAIT_MS));
+    run_for(500);
+    assert_int_equal(num("SELECT count(*) FROM spool.workers WHERE id = %" PRIu64
+                         " AND state = 'active'",
+                         b.worker_id),
+                     1);
+    assert_int_equal(num("SELECT count(*) FROM spool.workers"), 1);
+    long long job = submit("m", "acme", 0, 4);
+    want_assigns = 1;
+    assert_true(wait_until(has_assigns, &b, WAIT_MS));
+    assert_int_equal(b.assigns[0].job, job);
+    assert_int_equal(a.n_assigns, 0);
+    fw_close(&a);
+    fw_close(&b);
+    stop_scheduler(sched);
+}
+
+/*
+ * spool.placement_candidates' order and columns, without a scheduler:
+ * priority, then deadline (none last), then job; tenant weight and the
+ * tenant's leased requests; the pinned model.
+ */
+static void candidates_order(void **state)
+{
+    (void)state;
+    ok("INSERT INTO spool.tenants (name, weight) VALUES ('heavy', 3)");
+    long long none = submit("m", "acme", 0, 4);
+    long long later =
+        num("SELECT spool.submit_job('m', 'heavy', '{}', 0, now() + interval '1 hour')");
+    ok("INSERT INTO spool.requests (job_id, prompt) VALUES (%lld, 'p')", later);
+    ok("SELECT spool.seal_job(%lld)", later);
+    long long soon =
+        num("SELECT spool.submit_job('n', 'acme', '{}', 0, now() + interval '1 minute')");
+    ok("INSERT INTO spool.requests (job_id, prompt) VALUES (%lld, 'p')", soon);
+    ok("SELECT spool.seal_job(%lld)", soon);
+    long long urgent = submit("m", "acme", 7, 4);
+    assert_int_equal(num("SELECT spool.plan_queued(4)"), 4);
+    ensure_db();
+    PGresult *r = PQexec(db, "SELECT job_id, priority, tenant, tenant_weight, tenant_leased, "
+                             "model_name, model_digest FROM spool.placement_candidates(10)");
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    assert_int_equal(PQntuples(r), 4);
+    long long want[] = {urgent, soon, later, none};
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(strtoll(PQgetvalue(r, i, 0), NULL, 10), want[i]);
+    assert_string_equal(PQgetvalue(r, 2, 2), "heavy");
+    assert_int_equal(strtoll(PQgetvalue(r, 2, 3), NULL, 10), 3);
+    assert_string_equal(PQgetvalue(r, 1, 5), "n");
+    char d[80];
+    snprintf(d, sizeof d, "sha256:%s", DIGEST_B);
+    assert_string_equal(PQgetvalue(r, 1, 6), d);
+    PQclear(r);
+    /* Leased requests count per tenant; a cancelled job's shards are not candidates. */
+    long long wid =
+        num("SELECT spool.register_worker(NULL, 'w', 'cpu', 0, 'spot', 0, 'cpu', '[]')");
+    assert_true(num("SELECT spool.lease_shard(id, %lld, '1 minute') FROM spool.shards WHERE "
+                    "job_id = %lld",
+                    wid, urgent) > 0);
+    assert_int_equal(num("SELECT tenant_leased FROM spool.placement_candidates(10) WHERE job_id = "
+                         "%lld",
+                         none),
+                     4);
+    ok("SELECT spool.cancel_job(%lld)", none);
+    assert_int_equal(num("SELECT count(*) FROM spool.placement_candidates(10)"), 2);
+    assert_int_equal(num("SELECT count(*) FROM spool.cancelled_leases(%lld)", none), 0);
+    ok("SELECT spool.cancel_job(%lld)", urgent);
+    assert_int_equal(num("SELECT count(*) FROM spool.cancelled_leases(%lld)", urgent), 1);
+}
+
 /* A database without the Spool schema is a setup error: exit 1, no listener. */
 static void no_schema_exits_1(void **state)
 {
@@ -897,9 +986,11 @@ int main(int argc, char **argv)
         cmocka_unit_test_setup_teardown(model_affinity, setup, teardown),
         cmocka_unit_test_setup_teardown(priority_and_cancel, setup, teardown),
         cmocka_unit_test_setup_teardown(drain_stops_assignment, setup, teardown),
+        cmocka_unit_test_setup_teardown(reconnect_replaces_old_connection, setup, teardown),
         cmocka_unit_test_setup_teardown(standby_takes_over, setup, teardown),
         cmocka_unit_test_setup_teardown(postgres_restart, setup, teardown),
         cmocka_unit_test_setup_teardown(no_schema_exits_1, setup, teardown),
+        cmocka_unit_test_setup_teardown(candidates_order, setup, teardown),
     };
     int rc = cmocka_run_group_tests(tests, group_setup, group_teardown);
     for (int i = 0; i < 2; i++) {
