@@ -15,10 +15,11 @@
  *    order: earlier deadline first (none last), older job, shard order.
  * 3. Capacity: a worker takes work while its leased requests are below its
  *    target, fill x max_batch, so that its engine batch stays full while
- *    shards start and finish; the shard that crosses the target is still
- *    given (a worker with room always gets at least one shard). Draining
- *    workers take nothing, nor (decided by the caller, sweep.c) workers that
- *    missed three heartbeats.
+ *    shards start and finish. max_batch (from REGISTER), not the
+ *    heartbeat's free_slots: free_slots falls to 0 exactly when the batch
+ *    is full of work we leased, and says nothing about what to lease next; the shard that crosses
+ * the target is still given (a worker with room always gets at least one shard). Draining workers
+ * take nothing, nor (decided by the caller, sweep.c) workers that missed three heartbeats.
  * 4. The worker for a shard: one with the job's pinned model (by digest)
  *    loaded, else any; among those, the least loaded relative to its target;
  *    then the earlier one in the input.
