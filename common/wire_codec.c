@@ -49,6 +49,7 @@ unsigned sp_wire_type_senders(int type)
     case SP_WIRE_ASSIGN:
     case SP_WIRE_LIVE_REQUEST:
     case SP_WIRE_CANCEL:
+    case SP_WIRE_REVOKE:
         return SP_WIRE_FROM_SCHEDULER;
     case SP_WIRE_DRAIN:
     case SP_WIRE_GOODBYE:

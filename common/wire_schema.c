@@ -200,6 +200,15 @@ static const struct wire_field error_fields[] = {
 SCHEMA(error_schema, "ERROR", S, error_fields);
 #undef S
 
+#define S struct sp_wire_revoke
+static const struct wire_field revoke_fields[] = {
+    REQ(S, shard_id, WK_U64, shard_id),
+    REQ(S, lease_token, WK_U64, lease_token),
+    REQ(S, reason, WK_STR, reason),
+};
+SCHEMA(revoke_schema, "REVOKE", S, revoke_fields);
+#undef S
+
 const struct wire_schema *sp__wire_body_schema(int type)
 {
     switch (type) {
@@ -231,6 +240,8 @@ const struct wire_schema *sp__wire_body_schema(int type)
         return &usage_schema;
     case SP_WIRE_ERROR:
         return &error_schema;
+    case SP_WIRE_REVOKE:
+        return &revoke_schema;
     default:
         return NULL;
     }

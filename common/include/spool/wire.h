@@ -48,7 +48,8 @@
     XX(11, TOKENS, tokens)                                                                         \
     XX(12, CANCEL, cancel)                                                                         \
     XX(13, USAGE, usage)                                                                           \
-    XX(14, ERROR, error)
+    XX(14, ERROR, error)                                                                           \
+    XX(15, REVOKE, revoke)
 
 enum sp_wire_type {
     SP_WIRE_NONE = 0,
@@ -217,6 +218,12 @@ struct sp_wire_error {   /* either direction */
     uint64_t request_id;
 };
 
+struct sp_wire_revoke { /* scheduler -> worker: a lease is void (its job was cancelled) */
+    uint64_t shard_id;
+    uint64_t lease_token; /* the lease being revoked, from ASSIGN */
+    const char *reason;   /* "cancelled", or free text */
+};
+
 struct sp_wire_frame {
     enum sp_wire_type type;
     union {
@@ -234,6 +241,7 @@ struct sp_wire_frame {
         struct sp_wire_cancel cancel;
         struct sp_wire_usage usage;
         struct sp_wire_error error;
+        struct sp_wire_revoke revoke;
     };
     void *mem; /* storage owned by a decoded frame; NULL for caller-built frames */
 };

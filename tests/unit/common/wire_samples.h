@@ -134,6 +134,9 @@ static inline void wire_sample(enum sp_wire_type type, int full, struct sp_wire_
         f->error.has_request_id = full;
         f->error.request_id = full ? 12345 : 0;
         break;
+    case SP_WIRE_REVOKE:
+        f->revoke = (struct sp_wire_revoke){7001, 5, "cancelled"};
+        break;
     default:
         break;
     }
