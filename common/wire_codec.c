@@ -284,7 +284,7 @@ static int decode_array(struct dec *d, const struct wire_field *fl, const msgpac
     for (uint32_t i = 0; i < n; i++) {
         ip.index = i;
         int rc = 0;
-        double x;
+        double x = 0; /* set by get_number; initialised for -O3's maybe-uninitialized */
         switch (fl->kind) {
         case WK_STRUCT_ARRAY:
             if (items[i].type != MSGPACK_OBJECT_MAP)
@@ -296,7 +296,8 @@ static int decode_array(struct dec *d, const struct wire_field *fl, const msgpac
             break;
         case WK_F32_ARRAY:
             rc = get_number(d, ipath, &items[i], &x);
-            ((float *)arr)[i] = to_float(x);
+            if (rc == 0)
+                ((float *)arr)[i] = to_float(x);
             break;
         default: /* WK_STR_ARRAY */
             rc = copy_str(d, ipath, &items[i], true, (const char **)arr + i, NULL);
@@ -313,7 +314,7 @@ static int decode_array(struct dec *d, const struct wire_field *fl, const msgpac
 static int decode_value(struct dec *d, const struct wire_field *fl, const msgpack_object *o,
                         void *base, const struct path *path)
 {
-    double x;
+    double x = 0; /* set by get_number; initialised for -O3's maybe-uninitialized */
     switch (fl->kind) {
     case WK_U64:
         if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
