@@ -25,13 +25,18 @@ static void free_handle(uv_handle_t *h)
     free(h);
 }
 
+static void on_reconnect(uv_timer_t *t)
+{
+    do_connect(t->data);
+}
+
 static void schedule_reconnect(struct worker *w)
 {
     if (w->stopping)
         return;
     unsigned ms = sp_backoff_next(&w->backoff);
     sp_debug("reconnecting to the scheduler in %u ms", ms);
-    uv_timer_start(&w->reconnect_timer, (uv_timer_cb)do_connect, ms, 0);
+    uv_timer_start(&w->reconnect_timer, on_reconnect, ms, 0);
 }
 
 static void send_register(struct worker *w)

@@ -119,12 +119,12 @@ static struct {
     pthread_t thread;
     uv_loop_t loop;
     uv_tcp_t server;
-    uv_async_t stop;
+    uv_async_t stop, drop;
     int port;
     PGconn *db;
     pthread_mutex_t mu;
     long job; /* the job whose pending shards are assigned on REGISTER */
-    int registers, dones, releases, drains, goodbyes, heartbeats;
+    int registers, reregisters, dones, releases, drains, goodbyes, heartbeats;
     char last_release[1024];
 } fs = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
@@ -183,6 +183,7 @@ static void fs_on_frame(sp_wire_conn_t *conn, struct sp_wire_frame *f)
         }
         pthread_mutex_lock(&fs.mu);
         fs.registers++;
+        fs.reregisters += f->reg.has_worker_id;
         pthread_mutex_unlock(&fs.mu);
         struct sp_wire_frame rf = {
             .type = SP_WIRE_REGISTERED,
@@ -253,6 +254,19 @@ static void fs_on_stop(uv_async_t *a)
     uv_walk(a->loop, fs_walk_close, NULL);
 }
 
+/* Closes every worker connection (the scheduler "crashes"); the server keeps listening. */
+static void fs_walk_drop(uv_handle_t *h, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(h) && h->type == UV_TCP && h != (uv_handle_t *)&fs.server)
+        sp_wire_conn_close(h->data);
+}
+
+static void fs_on_drop(uv_async_t *a)
+{
+    uv_walk(a->loop, fs_walk_drop, NULL);
+}
+
 static void *fs_main(void *arg)
 {
     (void)arg;
@@ -273,6 +287,7 @@ static void fs_start(void)
     uv_tcp_getsockname(&fs.server, (struct sockaddr *)&a, &len);
     fs.port = ntohs(a.sin_port);
     uv_async_init(&fs.loop, &fs.stop, fs_on_stop);
+    uv_async_init(&fs.loop, &fs.drop, fs_on_drop);
     pthread_create(&fs.thread, NULL, fs_main, NULL);
 }
 
@@ -704,6 +719,27 @@ static void job_completes_with_engine_outputs(void **state)
     check_outputs(job);
 }
 
+static void reconnects_with_its_worker_id(void **state)
+{
+    (void)state;
+    pthread_mutex_lock(&fs.mu);
+    fs.job = 0;
+    int registers = fs.registers, reregisters = fs.reregisters;
+    pthread_mutex_unlock(&fs.mu);
+    pid_t w = start_worker("w-reconnect", 0, NULL);
+    double end = now_s() + 60;
+    while (fs_get(&fs.registers) == registers && now_s() < end)
+        usleep(20000);
+    assert_int_equal(fs_get(&fs.registers), registers + 1);
+    uv_async_send(&fs.drop);
+    end = now_s() + 60;
+    while (fs_get(&fs.reregisters) == reregisters && now_s() < end)
+        usleep(20000);
+    assert_int_equal(fs_get(&fs.reregisters), reregisters + 1);
+    assert_int_equal(fs_get(&fs.registers), registers + 2);
+    stop_worker(w);
+}
+
 static void digest_mismatch_is_refused(void **state)
 {
     (void)state;
@@ -869,6 +905,7 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(job_completes_with_engine_outputs),
+        cmocka_unit_test(reconnects_with_its_worker_id),
         cmocka_unit_test(digest_mismatch_is_refused),
         cmocka_unit_test(lost_lease_stops_writes),
         cmocka_unit_test(preempt_by_sigterm),
