@@ -32,7 +32,7 @@ static void on_reconnect(uv_timer_t *t)
 
 static void schedule_reconnect(struct worker *w)
 {
-    if (w->stopping)
+    if (w->stopping || w->said_goodbye)
         return;
     unsigned ms = sp_backoff_next(&w->backoff);
     sp_debug("reconnecting to the scheduler in %u ms", ms);
@@ -209,6 +209,7 @@ void wk_conn_goodbye(struct worker *w, const char *reason)
 {
     struct sp_wire_frame f = {.type = SP_WIRE_GOODBYE, .goodbye = {.reason = reason}};
     wk_conn_send(w, &f);
+    w->said_goodbye = true; /* no reconnect after this */
     if (w->sc)
         sp_wire_conn_shutdown(w->sc);
 }

@@ -1,8 +1,8 @@
 /*
  * Preemption: notice sources and the drain.
  *
- * Sources: SIGTERM (Kubernetes, spot reclaim through the kubelet), SIGINT (an
- * operator; drains the same way), a notice file appearing
+ * Sources: SIGTERM (Kubernetes, spot reclaim through the kubelet), a notice
+ * file appearing
  * (--preempt-notice file:PATH, checked every 250 ms), and the cloud metadata
  * endpoints, polled every second: AWS BASE/latest/meta-data/spot/instance-action
  * (404 = no notice, 200 = notice) and GCP BASE/computeMetadata/v1/instance/preempted
@@ -12,7 +12,8 @@
  * writes the results it has, checkpoints every in-flight sequence, releases
  * every shard (spool.release_shard), records the preemption
  * (spool.record_preemption: source, sequences, tokens that could not be
- * saved), says GOODBYE and exits 0. --drain-deadline bounds all of it: past
+ * saved), says GOODBYE and exits 0. SIGINT (an operator) drains the same way
+ * without the DRAIN frame and the preemption row. --drain-deadline bounds all of it: past
  * it, SIGALRM ends the process with status 1 (the shards' leases then expire
  * and their last periodic checkpoints are resumed).
  */
@@ -114,7 +115,12 @@ static void on_signal(uv_signal_t *h, int signum)
     struct worker *w = h->data;
     if (w->draining)
         return;
-    wk_preempt_notice(w, signum == SIGTERM ? "sigterm" : "sigint");
+    if (signum == SIGTERM) {
+        wk_preempt_notice(w, "sigterm");
+    } else {
+        sp_info("interrupted: draining");
+        wk_drain(w, "sigint", false);
+    }
 }
 
 static void on_http(void *arg, int status, const char *body, size_t len)

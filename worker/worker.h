@@ -119,6 +119,7 @@ struct worker {
     uv_connect_t connect_req;
     sp_wire_conn_t *sc;
     bool registered;
+    bool said_goodbye; /* GOODBYE sent: the connection is not reopened */
     bool has_id;
     uint64_t worker_id;
     uint32_t heartbeat_ms;

@@ -307,7 +307,7 @@ static int fs_get(int *field)
     return v;
 }
 
-/* ---- The fake AWS metadata endpoint ---- */
+/* ---- The fake cloud metadata endpoint (AWS and GCP paths) ---- */
 
 static struct {
     int fd, port;
@@ -327,9 +327,18 @@ static void *aws_main(void *arg)
         ssize_t n = read(cfd, buf, sizeof buf - 1);
         buf[n > 0 ? n : 0] = 0;
         const char *resp;
-        if (!strstr(buf, "GET /latest/meta-data/spot/instance-action "))
+        bool notice = __atomic_load_n(&aws.notice, __ATOMIC_SEQ_CST);
+        if (strstr(buf, "GET /computeMetadata/v1/instance/preempted ")) {
+            /* GCP: the header is required, the body says TRUE or FALSE. */
+            if (!strstr(buf, "\r\nMetadata-Flavor: Google\r\n"))
+                resp = "HTTP/1.0 403 Forbidden\r\n\r\n";
+            else if (notice)
+                resp = "HTTP/1.0 200 OK\r\nMetadata-Flavor: Google\r\n\r\nTRUE";
+            else
+                resp = "HTTP/1.0 200 OK\r\nMetadata-Flavor: Google\r\n\r\nFALSE";
+        } else if (!strstr(buf, "GET /latest/meta-data/spot/instance-action "))
             resp = "HTTP/1.0 400 Bad Request\r\n\r\n";
-        else if (__atomic_load_n(&aws.notice, __ATOMIC_SEQ_CST))
+        else if (notice)
             resp = "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n"
                    "{\"action\": \"terminate\", \"time\": \"2026-11-28T19:00:00Z\"}";
         else
@@ -804,7 +813,7 @@ static void lost_lease_stops_writes(void **state)
     ok("SELECT spool.cancel_job(%ld)", job);
 }
 
-enum source { SRC_SIGTERM, SRC_FILE, SRC_AWS };
+enum source { SRC_SIGTERM, SRC_FILE, SRC_AWS, SRC_GCP };
 
 static void preempt_and_resume(enum source src)
 {
@@ -815,9 +824,10 @@ static void preempt_and_resume(enum source src)
     unlink(file);
     if (src == SRC_FILE)
         snprintf(notice, sizeof notice, "file:%s", file);
-    if (src == SRC_AWS) {
+    if (src == SRC_AWS || src == SRC_GCP) {
         aws_start();
-        snprintf(notice, sizeof notice, "aws:http://127.0.0.1:%d", aws.port);
+        snprintf(notice, sizeof notice, "%s:http://127.0.0.1:%d", src == SRC_AWS ? "aws" : "gcp",
+                 aws.port);
     }
     int drains = fs_get(&fs.drains), goodbyes = fs_get(&fs.goodbyes);
     pid_t w = start_worker("w-preempt", 20, *notice ? notice : NULL);
@@ -826,7 +836,7 @@ static void preempt_and_resume(enum source src)
              "SELECT count(*) FROM spool.requests WHERE job_id = %ld AND checkpoint IS NOT NULL",
              job);
     wait_sql(60, 1, sql);
-    if (src == SRC_AWS)
+    if (src == SRC_AWS || src == SRC_GCP)
         assert_true(__atomic_load_n(&aws.polls, __ATOMIC_SEQ_CST) >= 1); /* polled, 404 so far */
     double t0 = now_s();
     if (src == SRC_SIGTERM)
@@ -840,7 +850,7 @@ static void preempt_and_resume(enum source src)
     assert_true(WIFEXITED(st));
     assert_int_equal(WEXITSTATUS(st), 0);
     assert_true(took < 8 + 1.5); /* the drain deadline, plus the notice's polling interval */
-    if (src == SRC_AWS)
+    if (src == SRC_AWS || src == SRC_GCP)
         aws_stop();
     unlink(file);
 
@@ -858,7 +868,10 @@ static void preempt_and_resume(enum source src)
     assert_true(num("SELECT count(*) FROM spool.requests WHERE job_id = %ld AND state = 'pending' "
                     "AND checkpoint IS NOT NULL",
                     job) >= 1);
-    const char *want = src == SRC_SIGTERM ? "sigterm" : src == SRC_FILE ? "notice-file" : "aws";
+    const char *want = src == SRC_SIGTERM ? "sigterm"
+                       : src == SRC_FILE  ? "notice-file"
+                       : src == SRC_AWS   ? "aws"
+                                          : "gcp";
     assert_int_equal(num("SELECT count(*) FROM spool.preemptions p JOIN spool.workers w ON w.id = "
                          "p.worker_id WHERE w.name = 'w-preempt' AND p.source = '%s' AND "
                          "p.shards_released >= 1 AND p.sequences >= 1 AND p.tokens_lost = 0",
@@ -894,6 +907,12 @@ static void preempt_by_aws_endpoint(void **state)
     preempt_and_resume(SRC_AWS);
 }
 
+static void preempt_by_gcp_endpoint(void **state)
+{
+    (void)state;
+    preempt_and_resume(SRC_GCP);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3) {
@@ -911,6 +930,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(preempt_by_sigterm),
         cmocka_unit_test(preempt_by_notice_file),
         cmocka_unit_test(preempt_by_aws_endpoint),
+        cmocka_unit_test(preempt_by_gcp_endpoint),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
