@@ -594,12 +594,13 @@ static int setup(void **state)
 {
     (void)state;
     snprintf(model_dir, sizeof model_dir, "%s/llama-f32", models_dir);
-    snprintf(tmp, sizeof tmp, "/tmp/spw-XXXXXX");
-    assert_non_null(mkdtemp(tmp));
-    snprintf(store_dir, sizeof store_dir, "%s/store", tmp);
-    snprintf(cache_dir, sizeof cache_dir, "%s/cache", tmp);
     pgt_start(&t, true);
     c = pgt_connect(&t);
+    /* Inside the cluster's directory, which the harness removes even when the test dies. */
+    snprintf(tmp, sizeof tmp, "%s/worker-test", t.cluster.dir);
+    assert_int_equal(mkdir(tmp, 0700), 0);
+    snprintf(store_dir, sizeof store_dir, "%s/store", tmp);
+    snprintf(cache_dir, sizeof cache_dir, "%s/cache", tmp);
 
     char bundle[600], hex[65], uri[1024], err[512];
     uint64_t size;
@@ -646,11 +647,7 @@ static int teardown(void **state)
     }
     fs_stop();
     PQfinish(c);
-    pgt_stop(&t);
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp);
-    if (system(cmd) != 0)
-        fprintf(stderr, "could not remove %s\n", tmp);
+    pgt_stop(&t); /* removes tmp with the cluster's directory */
     return 0;
 }
 
