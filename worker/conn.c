@@ -74,6 +74,8 @@ static void on_frame(sp_wire_conn_t *c, struct sp_wire_frame *f)
     case SP_WIRE_REGISTERED:
         w->registered = true;
         w->has_id = true;
+        if (!w->exiting)
+            w->draining = false; /* a DRAIN concerned the previous connection */
         w->worker_id = f->registered.worker_id;
         w->heartbeat_ms = f->registered.heartbeat_ms ? f->registered.heartbeat_ms : 1000;
         sp_backoff_reset(&w->backoff);
@@ -86,7 +88,7 @@ static void on_frame(sp_wire_conn_t *c, struct sp_wire_frame *f)
         break;
     case SP_WIRE_DRAIN:
         sp_info("the scheduler asks to drain (%s, %u ms)", f->drain.reason, f->drain.deadline_ms);
-        wk_drain(w, f->drain.reason, false);
+        wk_drain_shards(w, f->drain.reason);
         break;
     case SP_WIRE_GOODBYE:
         sp_info("the scheduler said goodbye (%s)", f->goodbye.reason);

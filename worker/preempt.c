@@ -13,9 +13,10 @@
  * every shard (spool.release_shard), records the preemption
  * (spool.record_preemption: source, sequences, tokens that could not be
  * saved), says GOODBYE and exits 0. SIGINT (an operator) drains the same way
- * without the DRAIN frame and the preemption row. --drain-deadline bounds all of it: past
- * it, SIGALRM ends the process with status 1 (the shards' leases then expire
- * and their last periodic checkpoints are resumed).
+ * without the DRAIN frame and the preemption row. A DRAIN from the scheduler
+ * releases the shards but keeps the worker up (wk_drain_shards). --drain-deadline bounds all of it:
+ * past it, SIGALRM ends the process with status 1 (the shards' leases then expire and their last
+ * periodic checkpoints are resumed).
  */
 #include "worker.h"
 
@@ -61,10 +62,25 @@ static void on_bye(uv_timer_t *t)
     stop_all(t->data);
 }
 
+void wk_drain_shards(struct worker *w, const char *reason)
+{
+    if (w->exiting)
+        return;
+    w->draining = true;
+    int seqs, shards;
+    long lost;
+    /* Stepping goes on: it collects the events of the sequences cancelled here. */
+    wk_shards_release_all(w, "draining", &seqs, &lost, &shards);
+    sp_info("the scheduler asked to drain (%s): %d shards released, %d sequences checkpointed, "
+            "%ld tokens unsaved; waiting for work after the next registration",
+            reason, shards, seqs, lost);
+}
+
 void wk_drain(struct worker *w, const char *source, bool preempted)
 {
-    if (w->draining)
+    if (w->exiting)
         return;
+    w->exiting = true;
     w->draining = true;
     unsigned deadline_ms = (unsigned)(w->cfg.drain_deadline * 1000);
     signal(SIGALRM, on_alarm);
@@ -104,7 +120,7 @@ void wk_drain(struct worker *w, const char *source, bool preempted)
 
 void wk_preempt_notice(struct worker *w, const char *source)
 {
-    if (w->draining)
+    if (w->exiting)
         return;
     sp_warn("preemption notice from %s", source);
     wk_drain(w, source, true);
@@ -113,7 +129,7 @@ void wk_preempt_notice(struct worker *w, const char *source)
 static void on_signal(uv_signal_t *h, int signum)
 {
     struct worker *w = h->data;
-    if (w->draining)
+    if (w->exiting)
         return;
     if (signum == SIGTERM) {
         wk_preempt_notice(w, "sigterm");
@@ -127,7 +143,7 @@ static void on_http(void *arg, int status, const char *body, size_t len)
 {
     struct wk_notice *n = arg;
     n->in_flight = false;
-    if (n->w->draining || n->w->stopping)
+    if (n->w->exiting || n->w->stopping)
         return;
     if (status < 0) {
         sp_debug("metadata poll %s failed: %s", n->arg, sp_strerror(status));
@@ -147,7 +163,7 @@ static void on_tick(uv_timer_t *t)
 {
     struct worker *w = t->data;
     ticks++;
-    for (int i = 0; i < w->cfg.n_notices && !w->draining; i++) {
+    for (int i = 0; i < w->cfg.n_notices && !w->exiting; i++) {
         struct wk_notice *n = &w->cfg.notices[i];
         if (n->kind == WK_NOTICE_FILE) {
             struct stat st;

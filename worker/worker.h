@@ -133,7 +133,8 @@ struct worker {
     /* Preemption (preempt.c). */
     uv_timer_t notice_timer, exit_timer;
     uv_signal_t sigterm, sigint;
-    bool draining; /* no new work; set on a notice or a DRAIN from the scheduler */
+    bool draining; /* no new work: a notice, SIGINT, or a DRAIN on this connection */
+    bool exiting;  /* a notice or SIGINT: the worker drains and exits */
     bool stopping; /* the loop is closing down */
     int exit_code;
 };
@@ -197,8 +198,17 @@ void wk_preempt_start(struct worker *w);
 void wk_preempt_stop(struct worker *w);
 /* A preemption notice from source ("sigterm", "notice-file", "aws", "gcp"): drain and exit. */
 void wk_preempt_notice(struct worker *w, const char *source);
-/* Scheduler asked to drain: finish nothing new, release shards, exit. */
+/*
+ * Drains and exits: stops stepping, checkpoints and releases every shard,
+ * records the preemption (when preempted), GOODBYE, then closes the loop.
+ */
 void wk_drain(struct worker *w, const char *source, bool preempted);
+/*
+ * The scheduler sent DRAIN (shutdown, rebalance): checkpoint and release every
+ * shard and take no more work on this connection; the worker stays up and
+ * takes work again after its next REGISTERED (a restarted scheduler).
+ */
+void wk_drain_shards(struct worker *w, const char *reason);
 
 /* ---- http.c ---- */
 /*

@@ -119,7 +119,7 @@ static struct {
     pthread_t thread;
     uv_loop_t loop;
     uv_tcp_t server;
-    uv_async_t stop, drop;
+    uv_async_t stop, drop, drain;
     int port;
     PGconn *db;
     pthread_mutex_t mu;
@@ -267,6 +267,22 @@ static void fs_on_drop(uv_async_t *a)
     uv_walk(a->loop, fs_walk_drop, NULL);
 }
 
+/* Sends DRAIN (a scheduler shutting down) on every worker connection. */
+static void fs_walk_drain(uv_handle_t *h, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(h) && h->type == UV_TCP && h != (uv_handle_t *)&fs.server) {
+        struct sp_wire_frame f = {.type = SP_WIRE_DRAIN,
+                                  .drain = {.reason = "shutdown", .deadline_ms = 10000}};
+        sp_wire_conn_send(h->data, &f);
+    }
+}
+
+static void fs_on_drain(uv_async_t *a)
+{
+    uv_walk(a->loop, fs_walk_drain, NULL);
+}
+
 static void *fs_main(void *arg)
 {
     (void)arg;
@@ -288,6 +304,7 @@ static void fs_start(void)
     fs.port = ntohs(a.sin_port);
     uv_async_init(&fs.loop, &fs.stop, fs_on_stop);
     uv_async_init(&fs.loop, &fs.drop, fs_on_drop);
+    uv_async_init(&fs.loop, &fs.drain, fs_on_drain);
     pthread_create(&fs.thread, NULL, fs_main, NULL);
 }
 
@@ -886,6 +903,51 @@ static void preempt_and_resume(enum source src)
     check_outputs(job);
 }
 
+/*
+ * DRAIN from the scheduler: the worker checkpoints and releases its shards but
+ * stays up; when it registers again (the scheduler came back) it takes the
+ * shards again and finishes them with the outputs of an uninterrupted run.
+ */
+static void scheduler_drain_releases_and_worker_stays(void **state)
+{
+    (void)state;
+    long job = make_job("tiny@1", 8, "150");
+    seal_and_plan(job, 8);
+    int releases = fs_get(&fs.releases), reregisters = fs_get(&fs.reregisters);
+    pid_t w = start_worker("w-drain", 20, NULL);
+    char sql[256];
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM spool.requests WHERE job_id = %ld AND checkpoint IS NOT NULL",
+             job);
+    wait_sql(60, 1, sql);
+    uv_async_send(&fs.drain);
+    double end = now_s() + 60;
+    while (fs_get(&fs.releases) == releases && now_s() < end)
+        usleep(20000);
+    pthread_mutex_lock(&fs.mu);
+    char reason[64];
+    snprintf(reason, sizeof reason, "%s", fs.last_release);
+    pthread_mutex_unlock(&fs.mu);
+    assert_string_equal(reason, "draining");
+    assert_int_equal(num("SELECT count(*) FROM spool.shards WHERE job_id = %ld AND state = "
+                         "'pending'",
+                         job),
+                     1);
+    assert_true(num("SELECT count(*) FROM spool.requests WHERE job_id = %ld AND state = 'pending' "
+                    "AND checkpoint IS NOT NULL",
+                    job) >= 1);
+    usleep(300000);
+    assert_int_equal(waitpid(w, NULL, WNOHANG), 0); /* still up */
+    /* The scheduler "restarts": the worker registers again and gets the shard back. */
+    uv_async_send(&fs.drop);
+    snprintf(sql, sizeof sql,
+             "SELECT count(*) FROM spool.jobs WHERE id = %ld AND state = 'succeeded'", job);
+    wait_sql(120, 1, sql);
+    assert_true(fs_get(&fs.reregisters) > reregisters);
+    stop_worker(w);
+    check_outputs(job);
+}
+
 static void preempt_by_sigterm(void **state)
 {
     (void)state;
@@ -924,6 +986,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(reconnects_with_its_worker_id),
         cmocka_unit_test(digest_mismatch_is_refused),
         cmocka_unit_test(lost_lease_stops_writes),
+        cmocka_unit_test(scheduler_drain_releases_and_worker_stays),
         cmocka_unit_test(preempt_by_sigterm),
         cmocka_unit_test(preempt_by_notice_file),
         cmocka_unit_test(preempt_by_aws_endpoint),
