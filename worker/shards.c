@@ -1,0 +1,843 @@
+/*
+ * The shard runner. An ASSIGN brings a shard under a lease: its pending
+ * requests are started (spool.start_requests), tokenized and submitted into
+ * the worker's one engine, so the batch stays full across shards and jobs.
+ * Finished sequences become results, written in batches with
+ * spool.complete_requests (every 100 ms, or at 64 results); in-flight
+ * sequences are checkpointed with spool.checkpoint_requests every
+ * --checkpoint-tokens tokens or --checkpoint-seconds seconds. A shard with
+ * nothing left is released (spool.release_shard) and reported with DONE.
+ *
+ * Fencing: every write carries the shard's lease token. When one is refused
+ * ("lease lost"), the shard's sequences are cancelled in the engine and its
+ * unwritten results dropped: nothing more is written for it.
+ *
+ * GPU time: the engine does not report per-sequence work yet, so the wall
+ * time of each step is divided equally among the sequences that produced a
+ * token in it (prefill chunks that produce no token are charged to the
+ * step's tokens).
+ */
+#include "worker.h"
+
+#include "spool/error.h"
+#include "spool/log.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define WK_FLUSH_MS      100
+#define WK_FLUSH_RESULTS 64
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void u64s(char *buf, uint64_t v)
+{
+    snprintf(buf, 24, "%" PRIu64, v);
+}
+
+/* ---- Shard and sequence bookkeeping ---- */
+
+static void seq_free(struct wk_seq *q)
+{
+    if (!q)
+        return;
+    free(q->text);
+    free(q);
+}
+
+/*
+ * Appends n bytes of output. PostgreSQL text cannot hold a NUL byte, so a NUL
+ * (a model may generate one) is stored as U+FFFD; the same for every run, so
+ * a resumed output still equals an uninterrupted one.
+ */
+static bool seq_append_raw(struct wk_seq *q, const char *s, size_t n)
+{
+    if (q->text_len + n + 1 > q->text_cap) {
+        size_t cap = q->text_cap ? q->text_cap * 2 : 256;
+        while (cap < q->text_len + n + 1)
+            cap *= 2;
+        char *t = realloc(q->text, cap);
+        if (!t)
+            return false;
+        q->text = t;
+        q->text_cap = cap;
+    }
+    memcpy(q->text + q->text_len, s, n);
+    q->text_len += n;
+    q->text[q->text_len] = 0;
+    return true;
+}
+
+static bool seq_append(struct wk_seq *q, const char *s, size_t n)
+{
+    while (n) {
+        const char *z = memchr(s, 0, n);
+        size_t k = z ? (size_t)(z - s) : n;
+        if (!seq_append_raw(q, s, k) || (z && !seq_append_raw(q, "\xEF\xBF\xBD", 3)))
+            return false;
+        s += k + (z != NULL);
+        n -= k + (z != NULL);
+    }
+    return true;
+}
+
+static void shard_unlink_seq(struct wk_shard *s, struct wk_seq *q)
+{
+    for (struct wk_seq **pp = &s->seqs; *pp; pp = &(*pp)->next) {
+        if (*pp == q) {
+            *pp = q->next;
+            s->n_inflight--;
+            q->next = NULL;
+            return;
+        }
+    }
+}
+
+static void shard_free(struct worker *w, struct wk_shard *s)
+{
+    for (struct wk_shard **pp = &w->shards; *pp; pp = &(*pp)->next) {
+        if (*pp == s) {
+            *pp = s->next;
+            break;
+        }
+    }
+    json_decref(s->results);
+    free(s);
+}
+
+/* Cancels every sequence of s in the engine; their events free them later. */
+static void shard_cancel_seqs(struct worker *w, struct wk_shard *s)
+{
+    while (s->seqs) {
+        struct wk_seq *q = s->seqs;
+        shard_unlink_seq(s, q);
+        q->shard = NULL;
+        if (w->eng)
+            se_engine_cancel(w->eng, q->seq);
+        q->next = w->orphans;
+        w->orphans = q;
+    }
+}
+
+static void shard_lost(struct worker *w, struct wk_shard *s, const char *err)
+{
+    sp_warn("shard %" PRIu64 " (lease %" PRIu64 "): %s; dropping %d running sequences and %zu "
+            "unwritten results",
+            s->id, s->token, err, s->n_inflight, json_array_size(s->results));
+    shard_cancel_seqs(w, s);
+    shard_free(w, s);
+}
+
+static void send_release(struct worker *w, struct wk_shard *s, const char *reason)
+{
+    struct sp_wire_frame f = {
+        .type = SP_WIRE_RELEASE,
+        .release = {.shard_id = s->id, .lease_token = s->token, .reason = reason}};
+    wk_conn_send(w, &f);
+}
+
+/* Gives a shard back to the queue in the database and tells the scheduler. */
+static void release_db(struct worker *w, uint64_t shard, uint64_t token, const char *reason,
+                       char *state, size_t statecap)
+{
+    char a[24], b[24], err[512];
+    u64s(a, shard);
+    u64s(b, token);
+    const char *p[3] = {a, b, reason};
+    PGresult *r;
+    int rc = wk_db_call(w, "SELECT spool.release_shard($1, $2, $3)", 3, p, &r, err, sizeof(err));
+    if (rc) {
+        sp_warn("shard %" PRIu64 ": release failed: %s", shard, err);
+        snprintf(state, statecap, "%s", rc == SP_ESTATE ? "lost" : "error");
+        return;
+    }
+    snprintf(state, statecap, "%s", PQgetvalue(r, 0, 0));
+    PQclear(r);
+}
+
+/* A shard with nothing in flight and nothing unwritten: release it and report. */
+static void shard_finish(struct worker *w, struct wk_shard *s)
+{
+    char st[32];
+    release_db(w, s->id, s->token, "done", st, sizeof(st));
+    sp_info("shard %" PRIu64 " finished: %" PRIu64 " succeeded, %" PRIu64 " failed; now %s", s->id,
+            s->succeeded, s->failed, st);
+    struct sp_wire_frame u = {.type = SP_WIRE_USAGE,
+                              .usage = {.has_shard_id = true,
+                                        .shard_id = s->id,
+                                        .tokens_in = s->tokens_in,
+                                        .tokens_out = s->tokens_out,
+                                        .gpu_seconds = s->gpu_s}};
+    wk_conn_send(w, &u);
+    if (strcmp(st, "done") == 0) {
+        struct sp_wire_frame f = {.type = SP_WIRE_DONE,
+                                  .done = {.shard_id = s->id,
+                                           .lease_token = s->token,
+                                           .succeeded = s->succeeded,
+                                           .failed = s->failed}};
+        wk_conn_send(w, &f);
+    } else if (strcmp(st, "pending") == 0) {
+        send_release(w, s, "requests wait for a retry");
+    }
+    shard_free(w, s);
+}
+
+/* ---- Results ---- */
+
+static void add_result(struct wk_shard *s, json_t *res)
+{
+    json_array_append_new(s->results, res);
+}
+
+static void add_failure(struct worker *w, struct wk_shard *s, uint64_t id, const char *state,
+                        const char *error)
+{
+    add_result(s, json_pack("{s:I, s:s, s:s, s:I}", "id", (json_int_t)id, "state", state, "error",
+                            error, "model_id", (json_int_t)w->model_id));
+    if (strcmp(state, "failed") == 0)
+        s->failed++;
+}
+
+/* Writes s's unwritten results; false when the shard was lost (and freed). */
+static bool shard_flush(struct worker *w, struct wk_shard *s)
+{
+    if (json_array_size(s->results) == 0)
+        return true;
+    char a[24], b[24], err[512];
+    u64s(a, s->id);
+    u64s(b, s->token);
+    char *js = json_dumps(s->results, JSON_COMPACT);
+    if (!js)
+        return true; /* out of memory: try again at the next flush */
+    const char *p[3] = {a, b, js};
+    int rc = wk_db_call(w, "SELECT spool.complete_requests($1, $2, $3::jsonb)", 3, p, NULL, err,
+                        sizeof(err));
+    free(js);
+    if (rc == SP_ESTATE) {
+        shard_lost(w, s, err);
+        return false;
+    }
+    if (rc && PQstatus(w->db) == CONNECTION_OK && ++s->write_failures >= 3) {
+        /*
+         * The server refuses these results themselves (not the connection):
+         * store each request as failed with the server's reason rather than
+         * retrying for ever.
+         */
+        sp_error("shard %" PRIu64 ": the database refuses %zu results (%s); failing them", s->id,
+                 json_array_size(s->results), err);
+        json_t *old = s->results;
+        s->results = json_array();
+        size_t i;
+        json_t *res;
+        char msg[700];
+        snprintf(msg, sizeof(msg), "the result could not be stored: %s", err);
+        json_array_foreach(old, i, res)
+        {
+            const char *st = json_string_value(json_object_get(res, "state"));
+            if (st && strcmp(st, "succeeded") == 0) {
+                s->succeeded--;
+                s->failed++;
+            }
+            add_result(s, json_pack("{s:O, s:s, s:s}", "id", json_object_get(res, "id"), "state",
+                                    "failed", "error", msg));
+        }
+        json_decref(old);
+        return shard_flush(w, s);
+    }
+    if (rc) {
+        sp_warn("shard %" PRIu64 ": writing %zu results failed (will retry): %s", s->id,
+                json_array_size(s->results), err);
+        return true;
+    }
+    s->write_failures = 0;
+    json_array_clear(s->results);
+    struct sp_wire_frame f = {.type = SP_WIRE_PROGRESS,
+                              .progress = {.shard_id = s->id,
+                                           .lease_token = s->token,
+                                           .requests_done = s->succeeded + s->failed,
+                                           .tokens_out = s->tokens_out}};
+    wk_conn_send(w, &f);
+    return true;
+}
+
+void wk_shards_flush(struct worker *w)
+{
+    struct wk_shard *next;
+    for (struct wk_shard *s = w->shards; s; s = next) {
+        next = s->next;
+        if (!shard_flush(w, s))
+            continue;
+        if (s->n_inflight == 0 && json_array_size(s->results) == 0 && !w->draining)
+            shard_finish(w, s);
+    }
+}
+
+/* ---- Checkpoints ---- */
+
+/* Saves the generated tokens of s's sequences that moved on; false when s was lost. */
+static bool shard_checkpoint(struct worker *w, struct wk_shard *s, long *unsaved)
+{
+    s->ckpt_due = false;
+    json_t *arr = json_array();
+    for (struct wk_seq *q = s->seqs; q; q = q->next) {
+        int n = 0;
+        const int32_t *t = se_engine_seq_tokens(w->eng, q->seq, &n);
+        if (!t || n <= q->n_ckpt)
+            continue;
+        json_t *ids = json_array();
+        for (int i = 0; i < n; i++)
+            json_array_append_new(ids, json_integer(t[i]));
+        json_array_append_new(arr,
+                              json_pack("{s:I, s:o}", "id", (json_int_t)q->req_id, "tokens", ids));
+    }
+    if (json_array_size(arr) == 0) {
+        json_decref(arr);
+        return true;
+    }
+    char a[24], b[24], err[512];
+    u64s(a, s->id);
+    u64s(b, s->token);
+    char *js = json_dumps(arr, JSON_COMPACT);
+    json_decref(arr);
+    const char *p[3] = {a, b, js};
+    int rc = js ? wk_db_call(w, "SELECT spool.checkpoint_requests($1, $2, $3::jsonb)", 3, p, NULL,
+                             err, sizeof(err))
+                : SP_ENOMEM;
+    free(js);
+    if (rc == SP_ESTATE) {
+        shard_lost(w, s, err);
+        return false;
+    }
+    for (struct wk_seq *q = s->seqs; q; q = q->next) {
+        int n = 0;
+        se_engine_seq_tokens(w->eng, q->seq, &n);
+        if (rc == 0)
+            q->n_ckpt = n;
+        else if (unsaved)
+            *unsaved += n - q->n_ckpt;
+    }
+    if (rc)
+        sp_warn("shard %" PRIu64 ": checkpoint failed: %s", s->id,
+                rc == SP_ENOMEM ? "out of memory" : err);
+    return true;
+}
+
+void wk_shards_checkpoint(struct worker *w, bool all)
+{
+    struct wk_shard *next;
+    for (struct wk_shard *s = w->shards; s; s = next) {
+        next = s->next;
+        if (all || s->ckpt_due)
+            shard_checkpoint(w, s, NULL);
+    }
+}
+
+/* ---- Stepping ---- */
+
+static void finish_seq(struct worker *w, struct wk_seq *q, const struct se_event *ev)
+{
+    struct wk_shard *s = q->shard;
+    shard_unlink_seq(s, q);
+    int n = 0;
+    const int32_t *t = se_engine_seq_tokens(w->eng, q->seq, &n);
+    json_t *ids = json_array();
+    for (int i = 0; t && i < n; i++)
+        json_array_append_new(ids, json_integer(t[i]));
+    double cost = w->cfg.price_per_hour * q->gpu_s / 3600.0;
+    json_t *res =
+        json_pack("{s:I, s:s, s:s%, s:o, s:s, s:i, s:i, s:f, s:f, s:I}", "id",
+                  (json_int_t)q->req_id, "state", "succeeded", "output", q->text ? q->text : "",
+                  q->text_len, "output_tokens", ids, "finish_reason", se_finish_name(ev->finish),
+                  "tokens_in", ev->n_prompt, "tokens_out", ev->n_generated, "gpu_seconds", q->gpu_s,
+                  "cost", cost, "model_id", (json_int_t)w->model_id);
+    add_result(s, res);
+    s->succeeded++;
+    s->tokens_in += (uint64_t)ev->n_prompt;
+    s->tokens_out += (uint64_t)ev->n_generated;
+    s->gpu_s += q->gpu_s;
+    seq_free(q);
+    if (json_array_size(s->results) >= WK_FLUSH_RESULTS)
+        shard_flush(w, s);
+}
+
+static void free_orphan(struct worker *w, struct wk_seq *q)
+{
+    for (struct wk_seq **pp = &w->orphans; *pp; pp = &(*pp)->next) {
+        if (*pp == q) {
+            *pp = q->next;
+            seq_free(q);
+            return;
+        }
+    }
+}
+
+/* The engine failed a step: every sequence in it ends as "retry", and the engine is reopened. */
+static void engine_failed(struct worker *w, int rc)
+{
+    char msg[600];
+    snprintf(msg, sizeof(msg), "engine step failed (%s): %s", sp_err_name(rc),
+             se_engine_error(w->eng));
+    sp_error("%s; requeueing every running request", msg);
+    for (struct wk_shard *s = w->shards; s; s = s->next) {
+        while (s->seqs) {
+            struct wk_seq *q = s->seqs;
+            shard_unlink_seq(s, q);
+            add_failure(w, s, q->req_id, "retry", msg);
+            seq_free(q);
+        }
+    }
+    while (w->orphans) {
+        struct wk_seq *q = w->orphans;
+        w->orphans = q->next;
+        seq_free(q);
+    }
+    se_engine_close(w->eng);
+    w->eng = NULL;
+    struct se_engine_opts eo = {.n_threads = w->cfg.threads,
+                                .max_seqs = w->cfg.max_batch,
+                                .kv_bytes = w->cfg.kv_bytes,
+                                .tok = w->tok};
+    char err[512];
+    if (se_engine_open(w->model, &eo, &w->eng, err, sizeof(err))) {
+        sp_error("cannot reopen the engine: %s", err);
+        wk_model_unload(w);
+    }
+    wk_shards_flush(w);
+}
+
+static void on_step(uv_timer_t *t)
+{
+    struct worker *w = t->data;
+    if (w->stopping || !w->eng) {
+        w->stepping = false;
+        return;
+    }
+    const struct se_event *ev;
+    double t0 = now_s();
+    int n = se_engine_step(w->eng, &ev);
+    double dt = now_s() - t0;
+    if (n < 0) {
+        engine_failed(w, n);
+        w->stepping = false;
+        return;
+    }
+    int n_tok = 0;
+    for (int i = 0; i < n; i++)
+        n_tok += ev[i].token >= 0;
+    double share = n_tok ? dt / n_tok : 0;
+    for (int i = 0; i < n; i++) {
+        struct wk_seq *q = (struct wk_seq *)(uintptr_t)ev[i].user;
+        if (!q->shard) { /* cancelled with a lost shard */
+            if (ev[i].finish != SE_FINISH_NONE)
+                free_orphan(w, q);
+            continue;
+        }
+        if (ev[i].token >= 0)
+            q->gpu_s += share;
+        if (ev[i].text_len && !seq_append(q, ev[i].text, ev[i].text_len))
+            sp_error("out of memory keeping the output of request %" PRIu64, q->req_id);
+        if (ev[i].finish != SE_FINISH_NONE)
+            finish_seq(w, q, &ev[i]);
+        else if (ev[i].n_generated - q->n_ckpt >= w->cfg.checkpoint_tokens)
+            q->shard->ckpt_due = true;
+    }
+    wk_shards_checkpoint(w, false);
+    if (se_engine_n_active(w->eng) > 0) {
+        uv_timer_start(&w->step_timer, on_step, (uint64_t)w->cfg.step_delay_ms, 0);
+    } else {
+        w->stepping = false;
+        wk_shards_flush(w);
+    }
+}
+
+static void kick(struct worker *w)
+{
+    if (!w->stepping && w->eng && se_engine_n_active(w->eng) > 0) {
+        w->stepping = true;
+        uv_timer_start(&w->step_timer, on_step, 0, 0);
+    }
+}
+
+/* ---- ASSIGN ---- */
+
+/* Text of the resumed tokens, as the engine's streaming decoder has shown it. */
+static bool prime_text(struct worker *w, struct wk_seq *q, const int32_t *ids, size_t n)
+{
+    se_detok_t *d = se_detok_new(w->tok, true);
+    if (!d)
+        return false;
+    bool ok = true;
+    for (size_t i = 0; ok && i < n; i++) {
+        const char *piece;
+        size_t len;
+        ok = se_detok_push(d, ids[i], &piece, &len) == 0 && seq_append(q, piece, len);
+    }
+    se_detok_free(d);
+    return ok;
+}
+
+/* Renders a messages array with the chat template; 0, or an error in err. */
+static int render_chat(struct worker *w, json_t *msgs, char **text, char *err, size_t errcap)
+{
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0) {
+        snprintf(err, errcap, "messages must be a non-empty JSON array of {\"role\", \"content\"}");
+        return SP_EINVAL;
+    }
+    size_t n = json_array_size(msgs);
+    struct se_chat_msg *m = calloc(n, sizeof(*m));
+    if (!m) {
+        snprintf(err, errcap, "out of memory");
+        return SP_ENOMEM;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *o = json_array_get(msgs, i);
+        json_t *r = json_object_get(o, "role"), *c = json_object_get(o, "content");
+        if (!json_is_string(r) || !json_is_string(c)) {
+            free(m);
+            snprintf(err, errcap, "messages[%zu] needs string \"role\" and \"content\"", i);
+            return SP_EINVAL;
+        }
+        m[i].role = json_string_value(r);
+        m[i].content = json_string_value(c);
+    }
+    char e2[400];
+    int rc = se_chat_render(w->tok, m, n, true, text, e2, sizeof(e2));
+    free(m);
+    if (rc)
+        snprintf(err, errcap, "messages: %s", e2);
+    return rc;
+}
+
+/*
+ * Tokenizes and submits one request row; returns 0, or an error in err that
+ * fails this request alone.
+ */
+static int submit_row(struct worker *w, struct wk_shard *s, json_t *jparams, uint64_t id,
+                      const char *prompt, const char *messages, const char *params,
+                      const char *ckpt, char *err, size_t errcap)
+{
+    json_t *rparams = NULL, *msgs = NULL, *cj = NULL;
+    char *text = NULL;
+    int32_t *ids = NULL, *resume = NULL;
+    size_t n_ids = 0, n_resume = 0;
+    struct wk_seq *q = NULL;
+    int rc = 0;
+    json_error_t je;
+    if (params && !(rparams = json_loads(params, 0, &je))) {
+        snprintf(err, errcap, "params is not valid JSON: %s", je.text);
+        rc = SP_EINVAL;
+        goto out;
+    }
+    struct se_sampling sp;
+    if ((rc = wk_params_sampling(jparams, rparams, w->n_vocab, &sp, err, errcap)))
+        goto out;
+    bool chat = false;
+    if (messages) {
+        if (!(msgs = json_loads(messages, 0, &je))) {
+            snprintf(err, errcap, "messages is not valid JSON: %s", je.text);
+            rc = SP_EINVAL;
+            goto out;
+        }
+        if ((rc = render_chat(w, msgs, &text, err, errcap)))
+            goto out;
+        chat = true;
+    } else if (prompt) {
+        if (!*prompt) {
+            snprintf(err, errcap, "prompt is empty: give some text to continue");
+            rc = SP_EINVAL;
+            goto out;
+        }
+        text = strdup(prompt);
+    } else {
+        snprintf(err, errcap, "request has no input: set prompt (text) or messages (a JSON array)");
+        rc = SP_EINVAL;
+        goto out;
+    }
+    if (!text || se_tokenizer_encode(w->tok, text, strlen(text), !chat, &ids, &n_ids)) {
+        snprintf(err, errcap, "cannot tokenize the prompt (out of memory)");
+        rc = SP_ENOMEM;
+        goto out;
+    }
+    if (n_ids == 0) {
+        snprintf(err, errcap, "prompt encodes to no tokens: give some text to continue");
+        rc = SP_EINVAL;
+        goto out;
+    }
+    if (n_ids >= (size_t)w->n_ctx) {
+        snprintf(err, errcap,
+                 "prompt is %zu tokens, longer than the model's context of %d tokens (leave room "
+                 "for the output): shorten it",
+                 n_ids, w->n_ctx);
+        rc = SP_ECONTEXT;
+        goto out;
+    }
+    if (ckpt && (cj = json_loads(ckpt, 0, &je)) && json_is_array(cj) && json_array_size(cj) > 0) {
+        n_resume = json_array_size(cj);
+        resume = malloc(n_resume * sizeof(int32_t));
+        if (!resume) {
+            rc = SP_ENOMEM;
+            snprintf(err, errcap, "out of memory");
+            goto out;
+        }
+        for (size_t i = 0; i < n_resume; i++)
+            resume[i] = (int32_t)json_integer_value(json_array_get(cj, i));
+    }
+    q = calloc(1, sizeof(*q));
+    if (!q || (n_resume && !prime_text(w, q, resume, n_resume))) {
+        rc = SP_ENOMEM;
+        snprintf(err, errcap, "out of memory");
+        goto out;
+    }
+    q->req_id = id;
+    q->shard = s;
+    q->n_prompt = (int)n_ids;
+    q->n_ckpt = (int)n_resume;
+    struct se_seq_params p = {.prompt = ids,
+                              .n_prompt = n_ids,
+                              .resume = resume,
+                              .n_resume = n_resume,
+                              .sampling = sp,
+                              .user = (uint64_t)(uintptr_t)q};
+    char e2[400];
+    if ((rc = se_engine_submit(w->eng, &p, &q->seq, e2, sizeof(e2)))) {
+        snprintf(err, errcap, "%s", e2);
+        goto out;
+    }
+    q->next = s->seqs;
+    s->seqs = q;
+    s->n_inflight++;
+    q = NULL;
+out:
+    seq_free(q);
+    json_decref(rparams);
+    json_decref(msgs);
+    json_decref(cj);
+    free(text);
+    free(ids);
+    free(resume);
+    return rc;
+}
+
+static void refuse(struct worker *w, const struct sp_wire_assign *a, const char *why)
+{
+    char st[32];
+    sp_error("shard %" PRIu64 " refused: %s", a->shard_id, why);
+    release_db(w, a->shard_id, a->lease_token, why, st, sizeof(st));
+    char reason[700];
+    snprintf(reason, sizeof(reason), "model_unavailable: %s", why);
+    struct sp_wire_frame f = {
+        .type = SP_WIRE_RELEASE,
+        .release = {.shard_id = a->shard_id, .lease_token = a->lease_token, .reason = reason}};
+    wk_conn_send(w, &f);
+}
+
+void wk_shard_assign(struct worker *w, const struct sp_wire_assign *a)
+{
+    char err[1024], a1[24], a2[24], a3[24];
+    sp_info("ASSIGN shard %" PRIu64 " of job %" PRIu64 " (lease %" PRIu64 ", model %s@%u %s)",
+            a->shard_id, a->job_id, a->lease_token, a->model.name, a->model.version,
+            a->model.digest);
+    if (w->draining) {
+        struct wk_shard tmp = {.id = a->shard_id, .token = a->lease_token};
+        char st[32];
+        release_db(w, a->shard_id, a->lease_token, "draining", st, sizeof(st));
+        send_release(w, &tmp, "draining");
+        return;
+    }
+    int rc = wk_model_load(w, a->model.digest, err, sizeof(err));
+    if (rc) {
+        refuse(w, a, err);
+        return;
+    }
+    u64s(a1, a->shard_id);
+    u64s(a2, a->lease_token);
+    u64s(a3, a->job_id);
+    /* The job must be pinned to the version the scheduler named. */
+    const char *pj[1] = {a3};
+    PGresult *r;
+    rc = wk_db_call(w,
+                    "SELECT j.params::text, 'sha256:' || m.digest FROM spool.jobs j "
+                    "JOIN spool.models m ON m.id = j.model_id WHERE j.id = $1",
+                    1, pj, &r, err, sizeof(err));
+    if (rc || PQntuples(r) != 1) {
+        if (!rc) {
+            PQclear(r);
+            snprintf(err, sizeof(err), "job %" PRIu64 " does not exist", a->job_id);
+        }
+        refuse(w, a, err);
+        return;
+    }
+    if (strcmp(PQgetvalue(r, 0, 1), a->model.digest) != 0) {
+        snprintf(err, sizeof(err), "job %" PRIu64 " is pinned to %s, but ASSIGN names %s",
+                 a->job_id, PQgetvalue(r, 0, 1), a->model.digest);
+        PQclear(r);
+        refuse(w, a, err);
+        return;
+    }
+    json_t *jparams = json_loads(PQgetvalue(r, 0, 0), 0, NULL);
+    PQclear(r);
+
+    struct wk_shard *s = calloc(1, sizeof(*s));
+    if (!s || !(s->results = json_array())) {
+        free(s);
+        json_decref(jparams);
+        sp_error("out of memory taking shard %" PRIu64, a->shard_id);
+        return;
+    }
+    s->id = a->shard_id;
+    s->job_id = a->job_id;
+    s->token = a->lease_token;
+    s->next = w->shards;
+    w->shards = s;
+
+    const char *p2[2] = {a1, a2};
+    rc = wk_db_call(w,
+                    "SELECT spool.start_requests($1, $2, ARRAY(SELECT r.id FROM spool.requests r "
+                    "JOIN spool.shards s ON s.id = $1 WHERE r.job_id = s.job_id AND r.id BETWEEN "
+                    "s.first_request_id AND s.last_request_id AND r.state = 'pending'))",
+                    2, p2, NULL, err, sizeof(err));
+    if (!rc)
+        rc = wk_db_call(w,
+                        "SELECT r.id, r.prompt, r.messages::text, r.params::text, "
+                        "array_to_json(r.checkpoint)::text FROM spool.requests r JOIN "
+                        "spool.shards s ON s.id = $1 AND s.lease_token = $2 WHERE r.job_id = "
+                        "s.job_id AND r.id BETWEEN s.first_request_id AND s.last_request_id AND "
+                        "r.state = 'running' ORDER BY r.id",
+                        2, p2, &r, err, sizeof(err));
+    if (rc == SP_ESTATE) {
+        json_decref(jparams);
+        shard_lost(w, s, err);
+        return;
+    }
+    if (rc) {
+        json_decref(jparams);
+        sp_error("shard %" PRIu64 ": cannot read its requests: %s", s->id, err);
+        char st[32];
+        release_db(w, s->id, s->token, "error", st, sizeof(st));
+        send_release(w, s, "error: cannot read the shard's requests");
+        shard_free(w, s);
+        return;
+    }
+    int rows = PQntuples(r), n_resumed = 0;
+    for (int i = 0; i < rows; i++) {
+        uint64_t id = strtoull(PQgetvalue(r, i, 0), NULL, 10);
+#define COL(c) (PQgetisnull(r, i, c) ? NULL : PQgetvalue(r, i, c))
+        const char *ck = COL(4);
+        if (submit_row(w, s, jparams, id, COL(1), COL(2), COL(3), ck, err, sizeof(err)))
+            add_failure(w, s, id, "failed", err);
+        else if (ck)
+            n_resumed++;
+#undef COL
+    }
+    PQclear(r);
+    json_decref(jparams);
+    sp_info("shard %" PRIu64 ": %d requests started (%d resumed from checkpoints), %" PRIu64
+            " refused",
+            s->id, s->n_inflight, n_resumed, s->failed);
+    if (s->n_inflight == 0)
+        wk_shards_flush(w);
+    kick(w);
+}
+
+/* ---- Drain ---- */
+
+void wk_shards_release_all(struct worker *w, const char *reason, int *n_seqs, long *tokens_lost,
+                           int *n_shards)
+{
+    *n_seqs = 0;
+    *tokens_lost = 0;
+    *n_shards = 0;
+    while (w->shards) {
+        struct wk_shard *s = w->shards;
+        if (!shard_flush(w, s))
+            continue;
+        int inflight = s->n_inflight;
+        long unsaved = 0;
+        if (!shard_checkpoint(w, s, &unsaved))
+            continue;
+        *n_seqs += inflight;
+        *tokens_lost += unsaved;
+        shard_cancel_seqs(w, s);
+        char st[32];
+        release_db(w, s->id, s->token, reason, st, sizeof(st));
+        sp_info("shard %" PRIu64 " released (%s): %d sequences checkpointed; now %s", s->id, reason,
+                inflight, st);
+        if (strcmp(st, "done") == 0) {
+            struct sp_wire_frame f = {.type = SP_WIRE_DONE,
+                                      .done = {.shard_id = s->id,
+                                               .lease_token = s->token,
+                                               .succeeded = s->succeeded,
+                                               .failed = s->failed}};
+            wk_conn_send(w, &f);
+        } else {
+            send_release(w, s, reason);
+        }
+        (*n_shards)++;
+        shard_free(w, s);
+    }
+}
+
+/* ---- Set-up ---- */
+
+static void on_flush(uv_timer_t *t)
+{
+    wk_shards_flush(t->data);
+}
+
+static void on_ckpt(uv_timer_t *t)
+{
+    wk_shards_checkpoint(t->data, true);
+}
+
+void wk_shards_start(struct worker *w)
+{
+    uv_timer_init(w->loop, &w->step_timer);
+    uv_timer_init(w->loop, &w->flush_timer);
+    uv_timer_init(w->loop, &w->ckpt_timer);
+    w->step_timer.data = w->flush_timer.data = w->ckpt_timer.data = w;
+    uv_timer_start(&w->flush_timer, on_flush, WK_FLUSH_MS, WK_FLUSH_MS);
+    uint64_t ck = (uint64_t)(w->cfg.checkpoint_seconds * 1000);
+    if (ck)
+        uv_timer_start(&w->ckpt_timer, on_ckpt, ck, ck);
+}
+
+void wk_shards_stop(struct worker *w)
+{
+    uv_close((uv_handle_t *)&w->step_timer, NULL);
+    uv_close((uv_handle_t *)&w->flush_timer, NULL);
+    uv_close((uv_handle_t *)&w->ckpt_timer, NULL);
+    while (w->shards) {
+        struct wk_shard *s = w->shards;
+        while (s->seqs) {
+            struct wk_seq *q = s->seqs;
+            shard_unlink_seq(s, q);
+            seq_free(q);
+        }
+        shard_free(w, s);
+    }
+    while (w->orphans) {
+        struct wk_seq *q = w->orphans;
+        w->orphans = q->next;
+        seq_free(q);
+    }
+}
+
+void wk_shards_load(struct worker *w, struct sp_wire_heartbeat *hb)
+{
+    int active = w->eng ? se_engine_n_active(w->eng) : 0;
+    hb->running = (uint32_t)active;
+    hb->queued = 0;
+    hb->free_slots = active < w->cfg.max_batch ? (uint32_t)(w->cfg.max_batch - active) : 0;
+    /* The engine does not report KV blocks yet. */
+    hb->kv_blocks_free = 0;
+    hb->kv_blocks_total = 0;
+}

@@ -1,0 +1,224 @@
+/*
+ * spool-worker's internal interface, shared by its files:
+ *
+ *   main.c        flags, start-up, the libuv loop, shutdown
+ *   conn.c        the scheduler connection: REGISTER, HEARTBEAT, reconnect
+ *   db.c          the blocking PostgreSQL connection and the fenced calls
+ *   model_cache.c fetching the pinned model version and opening its engine
+ *   params.c      job + request parameters -> struct se_sampling
+ *   shards.c      the shard runner: requests in, engine steps, results out
+ *   preempt.c     notice sources (SIGTERM, file, AWS, GCP) and the drain
+ *   http.c        a tiny HTTP/1.0 GET client over libuv TCP (metadata polls)
+ *
+ * Threading: everything runs on the one libuv loop thread, the engine steps
+ * included (one step per loop turn while sequences are active). PostgreSQL
+ * calls are blocking on that thread: they are short, on a nearby server, and
+ * keeping them in order makes fencing simple. A step or a query delays the
+ * heartbeat by its duration; heartbeats are seconds apart, steps milliseconds.
+ */
+#ifndef SPOOL_WORKER_H
+#define SPOOL_WORKER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+#include <libpq-fe.h>
+#include <uv.h>
+
+#include "spool/backoff.h"
+#include "spool/bundle.h"
+#include "spool/engine.h"
+#include "spool/wire.h"
+#include "spool/wire_conn.h"
+
+#define WK_MAX_NOTICES 8
+
+enum wk_notice_kind { WK_NOTICE_FILE, WK_NOTICE_AWS, WK_NOTICE_GCP };
+
+struct wk_notice {
+    enum wk_notice_kind kind;
+    const char *arg; /* file path or base URL (argv memory) */
+    bool in_flight;  /* an HTTP poll is running */
+    struct worker *w;
+};
+
+struct wk_config {
+    const char *dsn;
+    const char *scheduler; /* host:port */
+    const char *name;
+    const char *gpu_type;
+    enum sp_wire_capacity capacity;
+    double price_per_hour;
+    const char *model_store; /* NULL: $SPOOL_MODEL_STORE etc., see sp_store_open */
+    const char *model_cache;
+    uint64_t model_cache_limit; /* bytes; 0 = no limit */
+    int max_batch;
+    size_t kv_bytes; /* 0 = engine default */
+    int threads;     /* 0 = all cores */
+    const char *backend;
+    int checkpoint_tokens;     /* checkpoint a sequence after this many new tokens */
+    double checkpoint_seconds; /* and every this many seconds */
+    struct wk_notice notices[WK_MAX_NOTICES];
+    int n_notices;
+    double drain_deadline; /* seconds */
+    int step_delay_ms;     /* test aid (SPOOL_WORKER_STEP_DELAY_MS): pause between steps */
+};
+
+struct wk_shard;
+
+/* One request in the engine. */
+struct wk_seq {
+    uint64_t req_id;
+    struct wk_shard *shard;
+    int32_t seq;  /* engine id */
+    int n_prompt; /* prompt tokens */
+    int n_ckpt;   /* generated tokens saved by the last checkpoint */
+    double gpu_s; /* attributed step time, seconds */
+    char *text;   /* output so far: the resumed tokens' text, then each event's (malloc'd) */
+    size_t text_len, text_cap;
+    struct wk_seq *next; /* in the shard's list (or the worker's orphans) */
+};
+
+/* A shard under lease. */
+struct wk_shard {
+    uint64_t id, job_id, token;
+    struct wk_shard *next;
+    struct wk_seq *seqs; /* in-flight sequences */
+    int n_inflight;
+    json_t *results; /* finished, not yet written: JSON array for complete_requests */
+    uint64_t succeeded, failed, tokens_in, tokens_out;
+    double gpu_s;
+    int write_failures; /* consecutive refusals of complete_requests */
+    bool ckpt_due;
+};
+
+struct worker {
+    struct wk_config cfg;
+    uv_loop_t *loop;
+    PGconn *db;
+    struct sp_store store;
+
+    /* The loaded model version (one at a time). */
+    char digest[72]; /* "sha256:HEX", "" when none */
+    char model_name[136];
+    uint32_t model_version;
+    int64_t model_id;
+    se_model_t *model;
+    se_tokenizer_t *tok;
+    se_engine_t *eng;
+    int n_ctx, n_vocab;
+
+    struct wk_shard *shards;
+    /* Sequences cancelled with their shard (lease lost): freed when their last event arrives. */
+    struct wk_seq *orphans;
+
+    /* Scheduler connection (conn.c). */
+    uv_tcp_t *tcp;
+    uv_connect_t connect_req;
+    sp_wire_conn_t *sc;
+    bool registered;
+    bool said_goodbye; /* GOODBYE sent: the connection is not reopened */
+    bool has_id;
+    uint64_t worker_id;
+    uint32_t heartbeat_ms;
+    struct sp_backoff backoff;
+    uv_timer_t reconnect_timer, heartbeat_timer;
+
+    /* Shard runner (shards.c). */
+    uv_timer_t step_timer, flush_timer, ckpt_timer;
+    bool stepping;
+
+    /* Preemption (preempt.c). */
+    uv_timer_t notice_timer, exit_timer;
+    uv_signal_t sigterm, sigint;
+    bool draining; /* no new work: a notice, SIGINT, or a DRAIN on this connection */
+    bool exiting;  /* a notice or SIGINT: the worker drains and exits */
+    bool stopping; /* the loop is closing down */
+    int exit_code;
+};
+
+/* ---- conn.c ---- */
+void wk_conn_start(struct worker *w);
+/* Sends f when connected and registered (REGISTER itself is sent by conn.c); drops it otherwise. */
+void wk_conn_send(struct worker *w, const struct sp_wire_frame *f);
+/* Sends GOODBYE and shuts the connection down; no reconnect afterwards. */
+void wk_conn_goodbye(struct worker *w, const char *reason);
+void wk_conn_close(struct worker *w);
+
+/* ---- db.c ---- */
+/* Return codes of wk_db_call besides 0: SP_EDB (err says why), SP_ESTATE (lease lost). */
+int wk_db_connect(struct worker *w, char *err, size_t errcap);
+/*
+ * Runs one parameterised statement; on success *res (may be NULL to discard)
+ * holds the result (caller PQclear's it). A broken connection is reset and the
+ * statement sent once more (every worker statement is idempotent or fenced).
+ */
+int wk_db_call(struct worker *w, const char *sql, int n, const char *const *params, PGresult **res,
+               char *err, size_t errcap);
+
+/* ---- model_cache.c ---- */
+/*
+ * Makes the model version with this digest ("sha256:HEX") the loaded one:
+ * looks up its store URI in spool.models, fetches and verifies the bundle into
+ * the cache, opens model, tokenizer and engine. Returns 0, SP_ESTATE when
+ * another model still has sequences running, or an error with err saying
+ * what (SP_ECHECKSUM for a digest mismatch).
+ */
+int wk_model_load(struct worker *w, const char *digest, char *err, size_t errcap);
+void wk_model_unload(struct worker *w);
+
+/* ---- params.c ---- */
+/*
+ * Fills *sp from the job's params overridden by the request's (both JSON
+ * objects or NULL). Stop strings point into the JSON (valid while it lives).
+ * Returns 0 or SP_EINVAL with err naming the field ("params.top_p must be ...").
+ */
+int wk_params_sampling(json_t *job, json_t *req, int n_vocab, struct se_sampling *sp, char *err,
+                       size_t errcap);
+
+/* ---- shards.c ---- */
+/* Handles ASSIGN: fetches the model, reads and starts the shard's requests. */
+void wk_shard_assign(struct worker *w, const struct sp_wire_assign *a);
+/* Writes the finished results of every shard (complete_requests). */
+void wk_shards_flush(struct worker *w);
+/* Checkpoints in-flight sequences: every shard when all, else those marked due. */
+void wk_shards_checkpoint(struct worker *w, bool all);
+/* Drain: checkpoints and releases every shard; returns sequences and tokens left unsaved. */
+void wk_shards_release_all(struct worker *w, const char *reason, int *n_seqs, long *tokens_lost,
+                           int *n_shards);
+void wk_shards_start(struct worker *w);
+void wk_shards_stop(struct worker *w);
+/* Engine occupancy for HEARTBEAT. */
+void wk_shards_load(struct worker *w, struct sp_wire_heartbeat *hb);
+
+/* ---- preempt.c ---- */
+void wk_preempt_start(struct worker *w);
+void wk_preempt_stop(struct worker *w);
+/* A preemption notice from source ("sigterm", "notice-file", "aws", "gcp"): drain and exit. */
+void wk_preempt_notice(struct worker *w, const char *source);
+/*
+ * Drains and exits: stops stepping, checkpoints and releases every shard,
+ * records the preemption (when preempted), GOODBYE, then closes the loop.
+ */
+void wk_drain(struct worker *w, const char *source, bool preempted);
+/*
+ * The scheduler sent DRAIN (shutdown, rebalance): checkpoint and release every
+ * shard and take no more work on this connection; the worker stays up and
+ * takes work again after its next REGISTERED (a restarted scheduler).
+ */
+void wk_drain_shards(struct worker *w, const char *reason);
+
+/* ---- http.c ---- */
+/*
+ * GETs base_url + path (http://HOST[:PORT] only) with extra header lines
+ * (each "Name: value\r\n", may be NULL). cb gets the status (or a negative
+ * SP_E* code) and the body (NUL-terminated, valid during the call).
+ * timeout_ms bounds the whole exchange.
+ */
+typedef void (*wk_http_cb)(void *arg, int status, const char *body, size_t len);
+int wk_http_get(uv_loop_t *loop, const char *base_url, const char *path, const char *headers,
+                unsigned timeout_ms, wk_http_cb cb, void *arg);
+
+#endif
