@@ -86,6 +86,9 @@ static void on_frame(sp_wire_conn_t *c, struct sp_wire_frame *f)
     case SP_WIRE_ASSIGN:
         wk_shard_assign(w, &f->assign);
         break;
+    case SP_WIRE_REVOKE:
+        wk_shard_revoke(w, &f->revoke);
+        break;
     case SP_WIRE_DRAIN:
         sp_info("the scheduler asks to drain (%s, %u ms)", f->drain.reason, f->drain.deadline_ms);
         wk_drain_shards(w, f->drain.reason);

@@ -137,6 +137,18 @@ static void shard_lost(struct worker *w, struct wk_shard *s, const char *err)
     shard_free(w, s);
 }
 
+void wk_shard_revoke(struct worker *w, const struct sp_wire_revoke *r)
+{
+    for (struct wk_shard *s = w->shards; s; s = s->next) {
+        if (s->id == r->shard_id && s->token == r->lease_token) {
+            shard_lost(w, s, r->reason && *r->reason ? r->reason : "revoked by the scheduler");
+            return;
+        }
+    }
+    sp_debug("REVOKE for shard %" PRIu64 " (lease %" PRIu64 "), which this worker no longer runs",
+             r->shard_id, r->lease_token);
+}
+
 static void send_release(struct worker *w, struct wk_shard *s, const char *reason)
 {
     struct sp_wire_frame f = {

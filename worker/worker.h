@@ -181,6 +181,11 @@ int wk_params_sampling(json_t *job, json_t *req, int n_vocab, struct se_sampling
 /* ---- shards.c ---- */
 /* Handles ASSIGN: fetches the model, reads and starts the shard's requests. */
 void wk_shard_assign(struct worker *w, const struct sp_wire_assign *a);
+/*
+ * The scheduler voided a lease (its job was cancelled): the shard's sequences
+ * are cancelled and nothing more is written for it (no RELEASE either).
+ */
+void wk_shard_revoke(struct worker *w, const struct sp_wire_revoke *r);
 /* Writes the finished results of every shard (complete_requests). */
 void wk_shards_flush(struct worker *w);
 /* Checkpoints in-flight sequences: every shard when all, else those marked due. */
