@@ -66,8 +66,10 @@ struct se_engine_opts {
 
 /*
  * Creates an engine over model (not owned; it must outlive the engine) with
- * the CPU backend. opts may be NULL. Returns 0, SP_ENOMEM or SP_EBACKEND with
- * err saying why.
+ * the backend named in opts->backend. opts may be NULL. Returns 0, SP_ENOMEM,
+ * SP_EINVAL (unknown backend, a KV budget that holds no block),
+ * SP_EUNSUPPORTED (cuda in a build without CUDA), SP_ENODEV (no GPU) or
+ * SP_EBACKEND, with err saying why.
  */
 int se_engine_open(const se_model_t *model, const struct se_engine_opts *opts, se_engine_t **out,
                    char *err, size_t errcap);
@@ -137,16 +139,20 @@ struct se_event {
 
 /*
  * Queues a sequence; *seq receives its id. Returns 0, SP_EINVAL (empty
- * prompt, bad token id, invalid sampling: err names the field) or
- * SP_ECONTEXT (prompt + resume fill the model's context).
+ * prompt, bad token id, invalid sampling or priority, a chat that cannot be
+ * rendered: err names the field), SP_ECONTEXT (prompt + resume fill the
+ * model's context) or SP_ETOOBIG (the sequence alone would not fit in the KV
+ * cache).
  */
 int se_engine_submit(se_engine_t *e, const struct se_seq_params *p, int32_t *seq, char *err,
                      size_t errcap);
 
 /*
  * Runs one forward pass over the running sequences (admitting waiting ones
- * first) and samples. *events (owned by the engine, valid until the next
- * step) receives one event per sequence that produced a token or finished.
+ * first, preempting as the policy says) and samples. *events (owned by the
+ * engine, valid until the next step) receives one event per sequence that
+ * produced a token or finished, and one per preemption (preempted set).
+ * se_engine_last_usage then describes the step.
  * Returns the number of events (0 when nothing is left to do), or a negative
  * SP_E* code (SP_EBACKEND: se_engine_error says why).
  */
