@@ -5,7 +5,7 @@
  * over batch 1, and what the prefix cache saves on 256 prompts sharing a
  * 1,000-token system prompt.
  *
- *   engine_batching [MODEL_DIR] [N_THREADS] [--full]
+ *   engine_batching [MODEL_DIR] [N_THREADS] [--full | --decode-only]
  *
  * MODEL_DIR defaults to bench-models/bench-100m (written by mkmodel.py when
  * it holds no config.json). Decode rates count only steps in which every
@@ -23,12 +23,16 @@
 #include "spool/engine.h"
 #include "spool_config.h"
 
+#define DECODE 32 /* decode steps measured per batch size */
+
 static se_model_t *model;
 static int n_threads;
 
-static se_engine_t *open_engine(int max_seqs, int max_batch_tokens, bool no_prefix)
+static se_engine_t *open_engine_on(const char *backend, int max_seqs, int max_batch_tokens,
+                                   bool no_prefix)
 {
-    struct se_engine_opts o = {.n_threads = n_threads,
+    struct se_engine_opts o = {.backend = backend,
+                               .n_threads = n_threads,
                                .max_seqs = max_seqs,
                                .max_batch_tokens = max_batch_tokens,
                                .kv_bytes = (size_t)1 << 30,
@@ -40,6 +44,11 @@ static se_engine_t *open_engine(int max_seqs, int max_batch_tokens, bool no_pref
         exit(1);
     }
     return e;
+}
+
+static se_engine_t *open_engine(int max_seqs, int max_batch_tokens, bool no_prefix)
+{
+    return open_engine_on("cpu", max_seqs, max_batch_tokens, no_prefix);
 }
 
 static void submit(se_engine_t *e, const int32_t *p, size_t n, int max_tokens)
@@ -113,6 +122,7 @@ int main(int argc, char **argv)
     const char *dir = argc > 1 ? argv[1] : "bench-models/bench-100m";
     n_threads = argc > 2 ? atoi(argv[2]) : (int)sysconf(_SC_NPROCESSORS_ONLN);
     bool full = argc > 3 && !strcmp(argv[3], "--full");
+    bool decode_only = argc > 3 && !strcmp(argv[3], "--decode-only");
     char path[1024];
     struct stat st;
     snprintf(path, sizeof(path), "%s/config.json", dir);
@@ -147,7 +157,7 @@ int main(int argc, char **argv)
         for (int i = 0; i < B; i++) {
             for (int k = 0; k < 16; k++)
                 prompt[k] = 5 + (i * 16 + k * 7) % 31000;
-            submit(e, prompt, 16, 17);
+            submit(e, prompt, 16, DECODE + 1);
         }
         long dec;
         double ds;
@@ -159,6 +169,26 @@ int main(int argc, char **argv)
         se_engine_close(e);
     }
     printf("  speed-up of batch 32 over batch 1: %.1fx (goal 10x)\n", tps[2] / tps[0]);
+    /* The engine's own cost: the null backend does no arithmetic. */
+    {
+        se_engine_t *e = open_engine_on("null", 64, 256, true);
+        for (int i = 0; i < 64; i++) {
+            for (int k = 0; k < 16; k++)
+                prompt[k] = 5 + (i * 16 + k * 7) % 31000;
+            submit(e, prompt, 16, 1001);
+        }
+        long dec;
+        double ds;
+        run(e, &dec, &ds);
+        printf("  engine overhead (null backend, batch 64, 32000-entry vocabulary): %.1f us per "
+               "decode step, %.2f us per token\n",
+               ds / (dec / 64.0) * 1e6, ds / dec * 1e6);
+        se_engine_close(e);
+    }
+    if (decode_only) {
+        se_model_close(model);
+        return 0;
+    }
 
     double s_on, s_off;
     long comp_on, cached_on, comp_off, cached_off;
