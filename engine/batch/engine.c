@@ -104,7 +104,9 @@ int se_engine_open(const se_model_t *model, const struct se_engine_opts *opts, s
     int64_t per_seq = (e->cfg->max_position + bs - 1) / bs;
     int64_t want = per_seq * o->max_seqs;
     if (e->be.i->kv_blocks_for) {
-        size_t budget = o->kv_bytes ? o->kv_bytes : (size_t)1 << 30;
+        /* Without a budget a GPU backend takes its own share of the device memory. */
+        bool gpu = !strcmp(e->be.i->name, "cuda");
+        size_t budget = o->kv_bytes ? o->kv_bytes : gpu ? 0 : (size_t)1 << 30;
         int fit = e->be.i->kv_blocks_for(e->be.ctx, budget, bs);
         if (o->kv_bytes || fit < want)
             want = fit;

@@ -411,6 +411,16 @@ static void test_backend_choice(void **state)
     char err[512];
     assert_int_equal(se_engine_open(model, &o, &e, err, sizeof(err)), SP_EINVAL);
     assert_non_null(strstr(err, "tpu"));
+    /* Without a GPU, "cuda" fails cleanly, whether built with CUDA (no device) or not. */
+    o.backend = "cuda";
+    int rc = se_engine_open(model, &o, &e, err, sizeof(err));
+    if (rc == 0) {
+        se_engine_close(e); /* a machine with a GPU */
+    } else {
+        assert_true(rc == SP_ENODEV || rc == SP_EUNSUPPORTED);
+        assert_null(e);
+        assert_true(strlen(err) > 10);
+    }
     /* Null backend output is a function of the tokens only: batch invariant too. */
     static struct out a[8], b[8];
     e = open_engine("null", 8, 64, 0, true, 0);
