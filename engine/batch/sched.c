@@ -14,9 +14,11 @@
  * 2. Growth: each running sequence, in priority order, takes the blocks its
  *    tokens need; when none is left the lowest-priority, most recently
  *    admitted running sequence (possibly itself) is preempted.
- * 3. The batch: one decode token per decoding sequence (live first), then
- *    prompt chunks (live first, then submission order) within
- *    max_batch_tokens, so that a long prompt never stalls decoding.
+ * 3. The batch, within max_batch_tokens: live decode tokens, live prompt
+ *    chunks (leaving batch decode tokens at least half the budget), batch
+ *    decode tokens, batch prompt chunks (submission order). Decode tokens go
+ *    before prompt chunks of their class, so that a long prompt never
+ *    stalls decoding, and a live prompt is not held behind batch decoding.
  */
 #include <stdlib.h>
 
@@ -187,17 +189,34 @@ int se__schedule(se_engine_t *e, int *n_tokens_out)
         if (e->order[i]->state == SEQ_RUNNING)
             grow(e, e->order[i]);
 
-    int budget = e->opts.max_batch_tokens, nt = 0, ns = 0;
-    for (int pass = 0; pass < 2; pass++)
-        for (int i = 0; i < n && budget > 0; i++) {
+    /*
+     * Four passes: live decode, live prefill, batch decode, batch prefill.
+     * Live prompt chunks may take the budget that batch decode tokens would
+     * use, but leave them at least half of it.
+     */
+    int budget = e->opts.max_batch_tokens, nt = 0, ns = 0, batch_dec = 0;
+    for (int i = 0; i < n; i++) {
+        struct seq *s = e->order[i];
+        batch_dec += s->state == SEQ_RUNNING && s->prio == SE_PRIORITY_BATCH &&
+                     s->n_fed >= s->n_in && s->n_tokens - s->n_fed == 1;
+    }
+    if (batch_dec > budget / 2)
+        batch_dec = budget / 2;
+    for (int pass = 0; pass < 4; pass++) {
+        enum se_priority cls = pass < 2 ? SE_PRIORITY_LIVE : SE_PRIORITY_BATCH;
+        bool want_decode = pass % 2 == 0;
+        for (int i = 0; i < n; i++) {
             struct seq *s = e->order[i];
-            if (s->state != SEQ_RUNNING)
+            int room = budget - (pass == 1 ? batch_dec : 0);
+            if (room <= 0)
+                break;
+            if (s->state != SEQ_RUNNING || s->prio != cls)
                 continue;
             int pending = s->n_tokens - s->n_fed;
             bool decode = s->n_fed >= s->n_in && pending == 1;
-            if ((pass == 0) != decode || pending <= 0)
+            if (want_decode != decode || pending <= 0)
                 continue;
-            int take = pending < budget ? pending : budget;
+            int take = pending < room ? pending : room;
             e->seq_start[ns] = nt;
             e->seq_n[ns] = take;
             e->seq_ctx[ns] = s->n_fed + take;
@@ -219,6 +238,7 @@ int se__schedule(se_engine_t *e, int *n_tokens_out)
             budget -= take;
             ns++;
         }
+    }
     *n_tokens_out = nt;
     return ns;
 }

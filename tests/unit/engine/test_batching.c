@@ -145,7 +145,8 @@ static struct se_sampling sampling_for(int i)
     return s;
 }
 
-static int32_t submit_i(se_engine_t *e, int i, enum se_priority prio)
+/* Submits sequence i; max_tokens 0 keeps sampling_for(i)'s. */
+static int32_t submit_n(se_engine_t *e, int i, enum se_priority prio, int max_tokens)
 {
     int32_t p[MAXP];
     size_t n = make_prompt(i, p);
@@ -154,11 +155,18 @@ static int32_t submit_i(se_engine_t *e, int i, enum se_priority prio)
                               .sampling = sampling_for(i),
                               .user = (uint64_t)i,
                               .priority = prio};
+    if (max_tokens)
+        q.sampling.max_tokens = max_tokens;
     int32_t id;
     char err[512];
     if (se_engine_submit(e, &q, &id, err, sizeof(err)))
         fail_msg("submit: %s", err);
     return id;
+}
+
+static int32_t submit_i(se_engine_t *e, int i, enum se_priority prio)
+{
+    return submit_n(e, i, prio, 0);
 }
 
 /* Runs all NSEQ sequences together in e; checks them against ref and the usage identities. */
@@ -250,31 +258,46 @@ static void test_live_priority(void **state)
 {
     (void)state;
     static struct out outs[NSEQ + 4];
-    /* Saturated by running slots: 8 at a time, 40 batch sequences queued. */
-    for (int kv = 0; kv < 2; kv++) {
+    for (int kv = 0; kv < 3; kv++) {
         memset(outs, 0, sizeof(outs));
-        /* kv == 1: also out of KV blocks (28 blocks for 40 sequences of up to 10 blocks). */
-        se_engine_t *e = open_engine("cpu", 8, 64, kv ? 28 * 1024 : 0, false, 0);
-        for (int i = 0; i < 40; i++)
-            submit_i(e, i, SE_PRIORITY_BATCH);
+        /*
+         * kv == 0: 40 batch sequences, 8 running at a time; kv == 1: also out of KV blocks (28
+         * blocks for 40 sequences of up to 10 blocks); kv == 2: 32 batch sequences decoding 100
+         * tokens each in a budget of 32 tokens, which their decode tokens alone fill.
+         */
+        int n_batch = kv == 2 ? 32 : 40, max_tokens = kv == 2 ? 100 : 0;
+        se_engine_t *e = kv == 2 ? open_engine("cpu", 32, 32, 0, false, 0)
+                                 : open_engine("cpu", 8, 64, kv ? 28 * 1024 : 0, false, 0);
+        for (int i = 0; i < n_batch; i++)
+            submit_n(e, i, SE_PRIORITY_BATCH, max_tokens);
         for (int s = 0; s < 6; s++)
             step(e, outs, NULL);
+        int dec = 0;
+        for (int s = 0; kv == 2 && dec < 32; s++) {
+            assert_true(s < 60);
+            step(e, outs, NULL);
+            const struct se_step_usage *u = se_engine_last_usage(e);
+            dec = 0;
+            for (int i = 0; i < u->n_seqs; i++)
+                dec += u->seqs[i].n_decode;
+            assert_int_equal(u->n_tokens, 32);
+        }
         struct se_engine_stats st;
         assert_int_equal(se_engine_stats(e, &st), 0);
-        assert_true(st.n_waiting > 0);
+        assert_true(kv == 2 ? st.n_running == 32 : st.n_waiting > 0);
         /* Two live arrivals, one after the other. */
         for (int l = 0; l < 2; l++) {
             int live = 41 + l;
-            submit_i(e, live, SE_PRIORITY_LIVE);
+            submit_n(e, live, SE_PRIORITY_LIVE, 0);
             int took = steps_to_first_token(e, outs, live);
-            print_message("live sequence %d: first token after %d step(s)\n", l, took);
+            print_message("case %d, live sequence %d: first token after %d step(s)\n", kv, l, took);
             assert_true(took <= 2);
         }
         /* No batch sequence starves: all of them finish in full. */
         run_all(e, outs, NULL);
-        for (int i = 0; i < 40; i++) {
+        for (int i = 0; i < n_batch; i++) {
             assert_int_equal(outs[i].finish, SE_FINISH_LENGTH);
-            assert_int_equal(outs[i].n, sampling_for(i).max_tokens);
+            assert_int_equal(outs[i].n, max_tokens ? max_tokens : sampling_for(i).max_tokens);
         }
         assert_no_blocks_used(e);
         se_engine_close(e);
