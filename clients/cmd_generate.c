@@ -1,4 +1,7 @@
-/* `spool generate`: runs prompts through the engine on this machine's CPU. */
+/*
+ * `spool generate`: runs prompts through one continuously batched engine on
+ * this machine (CPU by default), printing each result as it finishes.
+ */
 #include "cli.h"
 
 #include "spool/engine.h"
@@ -26,9 +29,10 @@ struct job {
 static const char *usage =
     "usage: spool generate --model DIR (--prompt TEXT | --chat JSON | --prompts FILE.jsonl)\n"
     "                      [--max-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
-    "                      [--threads N] [--json]\n\n"
-    "Generates text for each prompt with the model in DIR on the CPU; all prompts run\n"
-    "together in one continuous batch.\n"
+    "                      [--threads N] [--max-batch N] [--kv-memory BYTES]\n"
+    "                      [--backend cpu|null|cuda] [--json]\n\n"
+    "Generates text for each prompt with the model in DIR; all prompts run together\n"
+    "in one continuously batched engine, and each result is printed as it finishes.\n"
     "  --prompt TEXT       one plain prompt (the tokenizer adds its bos, if any)\n"
     "  --chat JSON         one conversation: [{\"role\": \"user\", \"content\": \"...\"}, ...],\n"
     "                      rendered with the model's chat template\n"
@@ -39,8 +43,34 @@ static const char *usage =
     "  --top-p P           nucleus sampling, in (0, 1] (default 1)\n"
     "  --seed S            sampling seed (default 0); runs with the same seed repeat\n"
     "  --threads N         CPU threads (default: all cores)\n"
+    "  --max-batch N       sequences running at once (default 32)\n"
+    "  --kv-memory BYTES   KV cache budget, with an optional K, M or G suffix (binary)\n"
+    "                      (default: enough for the batch, at most 1G)\n"
+    "  --backend NAME      cpu (default), null (no arithmetic: deterministic tokens, to\n"
+    "                      measure overhead) or cuda (when built with CUDA)\n"
     "  --json              print one JSON object per prompt: text, token_ids,\n"
     "                      finish_reason, prompt_tokens, completion_tokens\n";
+
+/* Parses BYTES with an optional K, M or G (binary) suffix; -1 when malformed or 0. */
+static int parse_bytes(const char *s, size_t *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    double mul = 1;
+    if (*end == 'K' || *end == 'k')
+        mul = 1024;
+    else if (*end == 'M' || *end == 'm')
+        mul = 1024.0 * 1024;
+    else if (*end == 'G' || *end == 'g')
+        mul = 1024.0 * 1024 * 1024;
+    if (mul > 1)
+        end++;
+    if (errno || end == s || *end || !(v * mul >= 1) || v * mul > 1e15)
+        return -1;
+    *out = (size_t)(v * mul);
+    return 0;
+}
 
 static int parse_num(const char *s, double lo, double hi, double *out)
 {
@@ -173,6 +203,9 @@ int cmd_generate(int argc, char **argv)
         {"top-p", required_argument, NULL, 'P'},
         {"seed", required_argument, NULL, 's'},
         {"threads", required_argument, NULL, 'T'},
+        {"max-batch", required_argument, NULL, 'B'},
+        {"kv-memory", required_argument, NULL, 'K'},
+        {"backend", required_argument, NULL, 'b'},
         {"json", no_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -181,7 +214,9 @@ int cmd_generate(int argc, char **argv)
     struct se_sampling sp;
     se_sampling_default(&sp);
     sp.max_tokens = 64;
-    int threads = 0;
+    int threads = 0, max_batch = 0;
+    size_t kv_bytes = 0;
+    const char *backend = "cpu";
     bool json = false;
     double v;
     int ch;
@@ -225,6 +260,20 @@ int cmd_generate(int argc, char **argv)
             if (parse_num(optarg, 1, 1024, &v) || v != (int)v)
                 return cli_usage_error(prog, "--threads must be a positive integer");
             threads = (int)v;
+            break;
+        case 'B':
+            if (parse_num(optarg, 1, 4096, &v) || v != (int)v)
+                return cli_usage_error(prog, "--max-batch must be an integer from 1 to 4096");
+            max_batch = (int)v;
+            break;
+        case 'K':
+            if (parse_bytes(optarg, &kv_bytes))
+                return cli_usage_error(prog, "--kv-memory must be a size such as 64M or 1G");
+            break;
+        case 'b':
+            if (strcmp(optarg, "cpu") && strcmp(optarg, "null") && strcmp(optarg, "cuda"))
+                return cli_usage_error(prog, "--backend must be cpu, null or cuda");
+            backend = optarg;
             break;
         case 'j':
             json = true;
@@ -283,7 +332,11 @@ int cmd_generate(int argc, char **argv)
     } else if ((rc = read_prompts(prompts, tok, &sp, &jobs, &n_jobs))) {
         goto out;
     }
-    struct se_engine_opts eo = {.n_threads = threads, .tok = tok};
+    struct se_engine_opts eo = {.n_threads = threads,
+                                .max_seqs = max_batch,
+                                .kv_bytes = kv_bytes,
+                                .backend = backend,
+                                .tok = tok};
     if (se_engine_open(model, &eo, &eng, err, sizeof(err))) {
         rc = cli_fail("%s", err);
         goto out;
@@ -342,17 +395,20 @@ int cmd_generate(int argc, char **argv)
                 j->out_len += ev[k].text_len;
                 j->out[j->out_len] = 0;
             }
+            if (ev[k].finish == SE_FINISH_NONE)
+                continue;
+            /* Printed as it finishes; --json lines carry the prompt's index. */
+            size_t i = (size_t)ev[k].user;
+            if (json)
+                print_json(j, i);
+            else if (n_jobs == 1)
+                printf("%s\n", j->out ? j->out : "");
+            else
+                printf("[%zu] %s\n", i + 1, j->out ? j->out : "");
+            fflush(stdout);
         }
         if (n == 0 && se_engine_n_active(eng) == 0)
             break;
-    }
-    for (size_t i = 0; i < n_jobs; i++) {
-        if (json)
-            print_json(&jobs[i], i);
-        else if (n_jobs == 1)
-            printf("%s\n", jobs[i].out ? jobs[i].out : "");
-        else
-            printf("[%zu] %s\n", i + 1, jobs[i].out ? jobs[i].out : "");
     }
 out:
     for (size_t i = 0; i < n_jobs; i++) {

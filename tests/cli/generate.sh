@@ -34,6 +34,17 @@ printf '%s\n' '{"prompt": "one"}' '' '{"prompt": "two two", "max_tokens": 3}' \
 check 0 '"index":2' "$spool" generate --model "$m" --prompts "$tmp/p.jsonl" --json --temperature 0
 [ "$(grep -c '"index"' "$tmp/out")" = 3 ] || { echo "FAIL: expected 3 results"; cat "$tmp/out"; fail=1; }
 grep '"index":1' "$tmp/out" | grep -q '"completion_tokens":3' || { echo "FAIL: per-line max_tokens"; fail=1; }
+# A tiny KV budget and two at a time (preemption, recompute) prints the same results.
+"$spool" generate --model "$m" --prompts "$tmp/p.jsonl" --json --temperature 0 --max-tokens 20 \
+    | sort >"$tmp/big" 2>&1
+"$spool" generate --model "$m" --prompts "$tmp/p.jsonl" --json --temperature 0 --max-tokens 20 \
+    --max-batch 2 --kv-memory 24K | sort >"$tmp/small" 2>&1
+cmp -s "$tmp/big" "$tmp/small" && [ "$(wc -l <"$tmp/big")" = 3 ] \
+    || { echo "FAIL: small KV budget changed results"; cat "$tmp/big" "$tmp/small"; fail=1; }
+check 0 '"completion_tokens":3' "$spool" generate --model "$m" --prompts "$tmp/p.jsonl" --json \
+    --backend null --max-batch 2
+check 2 'backend' "$spool" generate --model "$m" --prompt hi --backend tpu
+check 2 'kv-memory' "$spool" generate --model "$m" --prompt hi --kv-memory 12X
 
 # Bad input: clear messages, exit 1 (runtime) or 2 (usage).
 check 1 'prompt 1 is empty' "$spool" generate --model "$m" --prompt ""

@@ -268,6 +268,43 @@ static void test_bad_input(void **state)
     se_engine_close(e);
 }
 
+/* A conversation submitted as messages runs exactly as its rendered, tokenized prompt. */
+static void test_chat_submit(void **state)
+{
+    (void)state;
+    se_engine_t *e = open_engine(4, 0);
+    struct se_sampling sp = sampling(0, 6, 0);
+    struct se_chat_msg msgs[] = {{"system", "Be brief."}, {"user", "Hello there!"}};
+    char *text = NULL, err[512];
+    int32_t *ids = NULL;
+    size_t n_ids = 0;
+    assert_int_equal(se_chat_render(tok, msgs, 2, true, &text, err, sizeof(err)), 0);
+    assert_int_equal(se_tokenizer_encode(tok, text, strlen(text), false, &ids, &n_ids), 0);
+    struct out o[2] = {0};
+    int32_t id;
+    struct se_seq_params q = {.prompt = ids, .n_prompt = n_ids, .sampling = sp, .user = 0};
+    assert_int_equal(se_engine_submit(e, &q, &id, err, sizeof(err)), 0);
+    struct se_seq_params c = {
+        .messages = msgs, .n_messages = 2, .sampling = sp, .user = 1, .priority = SE_PRIORITY_LIVE};
+    assert_int_equal(se_engine_submit(e, &c, &id, err, sizeof(err)), 0);
+    run_all(e, o);
+    assert_int_equal(o[0].n, 6);
+    assert_int_equal(o[1].n, 6);
+    assert_memory_equal(o[0].ids, o[1].ids, 6 * sizeof(int32_t));
+    /* A bad priority and a bad role are input errors. */
+    c.priority = (enum se_priority)7;
+    assert_int_equal(se_engine_submit(e, &c, &id, err, sizeof(err)), SP_EINVAL);
+    assert_non_null(strstr(err, "priority"));
+    struct se_chat_msg bad[] = {{"wizard", "hi"}};
+    c.priority = SE_PRIORITY_BATCH;
+    c.messages = bad;
+    c.n_messages = 1;
+    assert_int_equal(se_engine_submit(e, &c, &id, err, sizeof(err)), SP_EINVAL);
+    free(text);
+    free(ids);
+    se_engine_close(e);
+}
+
 static int setup(void **state)
 {
     (void)state;
@@ -302,6 +339,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_finish_reasons),
         cmocka_unit_test(test_admission),
         cmocka_unit_test(test_bad_input),
+        cmocka_unit_test(test_chat_submit),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
