@@ -24,6 +24,7 @@ struct job {
     size_t out_len, out_cap;
     enum se_finish finish;
     int n_prompt, n_gen;
+    char *error; /* why this prompt failed (it alone), malloc'd; NULL when it ran */
 };
 
 static const char *usage =
@@ -37,7 +38,8 @@ static const char *usage =
     "  --chat JSON         one conversation: [{\"role\": \"user\", \"content\": \"...\"}, ...],\n"
     "                      rendered with the model's chat template\n"
     "  --prompts FILE      one JSON object per line: {\"prompt\": TEXT} or {\"messages\": [...]},\n"
-    "                      optionally with max_tokens, temperature, top_p, seed\n"
+    "                      optionally with max_tokens, temperature, top_p, seed; a bad\n"
+    "                      line fails alone (reported in its place, exit status 1)\n"
     "  --max-tokens N      most tokens to generate (default 64)\n"
     "  --temperature T     0 = greedy (default 1)\n"
     "  --top-p P           nucleus sampling, in (0, 1] (default 1)\n"
@@ -83,31 +85,51 @@ static int parse_num(const char *s, double lo, double hi, double *out)
     return 0;
 }
 
-/* Renders a messages array; returns 0 or prints the error and returns CLI_FAIL. */
-static int render_chat(const se_tokenizer_t *tok, json_t *msgs, const char *where, char **text)
+/* Renders a messages array; returns 0, or -1 with the reason (prefixed by where) in err. */
+static int render_chat(const se_tokenizer_t *tok, json_t *msgs, const char *where, char **text,
+                       char *err, size_t errcap)
 {
-    if (!json_is_array(msgs) || json_array_size(msgs) == 0)
-        return cli_fail("%s: messages must be a non-empty JSON array of {role, content}", where);
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0) {
+        snprintf(err, errcap, "%s: messages must be a non-empty JSON array of {role, content}",
+                 where);
+        return -1;
+    }
     size_t n = json_array_size(msgs);
     struct se_chat_msg *m = calloc(n, sizeof(*m));
-    if (!m)
-        return cli_fail("out of memory");
+    if (!m) {
+        snprintf(err, errcap, "out of memory");
+        return -1;
+    }
     for (size_t i = 0; i < n; i++) {
         json_t *o = json_array_get(msgs, i);
         json_t *r = json_object_get(o, "role"), *c = json_object_get(o, "content");
         if (!json_is_string(r) || !json_is_string(c)) {
             free(m);
-            return cli_fail("%s: message %zu needs string \"role\" and \"content\"", where, i + 1);
+            snprintf(err, errcap, "%s: message %zu needs string \"role\" and \"content\"", where,
+                     i + 1);
+            return -1;
         }
         m[i].role = json_string_value(r);
         m[i].content = json_string_value(c);
     }
-    char err[512];
-    int rc = se_chat_render(tok, m, n, true, text, err, sizeof(err));
+    char why[512];
+    int rc = se_chat_render(tok, m, n, true, text, why, sizeof(why));
     free(m);
-    if (rc)
-        return cli_fail("%s: %s", where, err);
+    if (rc) {
+        snprintf(err, errcap, "%s: %s", where, why);
+        return -1;
+    }
     return 0;
+}
+
+/* Marks job j as failed with msg, which is also reported on stderr. */
+static void job_fail(struct job *j, const char *msg)
+{
+    fprintf(stderr, "error: %s\n", msg);
+    free(j->error);
+    j->error = strdup(msg);
+    if (!j->error)
+        j->error = "out of memory";
 }
 
 static int add_job(struct job **jobs, size_t *n, const struct job *j)
@@ -120,7 +142,11 @@ static int add_job(struct job **jobs, size_t *n, const struct job *j)
     return 0;
 }
 
-/* Reads FILE.jsonl into jobs; per-line fields override the defaults in base. */
+/*
+ * Reads FILE.jsonl into jobs; per-line fields override the defaults in base.
+ * A bad line becomes a failed job (it alone fails; the rest run); only an
+ * unreadable file or running out of memory fails the whole command.
+ */
 static int read_prompts(const char *path, const se_tokenizer_t *tok, const struct se_sampling *base,
                         struct job **jobs, size_t *n)
 {
@@ -133,41 +159,47 @@ static int read_prompts(const char *path, const se_tokenizer_t *tok, const struc
     int lineno = 0, rc = 0;
     while (!rc && (len = getline(&line, &cap, f)) >= 0) {
         lineno++;
-        char where[600];
+        char where[600], err[1024];
         snprintf(where, sizeof(where), "%s:%d", path, lineno);
         if (strspn(line, " \t\r\n") == (size_t)len)
             continue;
+        struct job j = {.sp = *base};
         json_error_t je;
         json_t *o = json_loads(line, 0, &je);
-        if (!json_is_object(o)) {
-            rc = cli_fail("%s: not a JSON object (%s)", where, o ? "wrong type" : je.text);
-            json_decref(o);
-            break;
-        }
-        struct job j = {.sp = *base};
         json_t *p = json_object_get(o, "prompt"), *msgs = json_object_get(o, "messages");
-        if (json_is_string(p)) {
+        if (!json_is_object(o)) {
+            snprintf(err, sizeof(err), "%s: not a JSON object (%s)", where,
+                     o ? "wrong type" : je.text);
+            job_fail(&j, err);
+        } else if (json_is_string(p)) {
             j.text = strdup(json_string_value(p));
+            if (!j.text)
+                rc = cli_fail("out of memory");
         } else if (msgs) {
-            rc = render_chat(tok, msgs, where, &j.text);
-            j.chat = true;
+            if (render_chat(tok, msgs, where, &j.text, err, sizeof(err)) == 0)
+                j.chat = true;
+            else
+                job_fail(&j, err);
         } else {
-            rc = cli_fail("%s: needs \"prompt\" (a string) or \"messages\"", where);
+            snprintf(err, sizeof(err), "%s: needs \"prompt\" (a string) or \"messages\"", where);
+            job_fail(&j, err);
         }
         json_t *v;
-        if (!rc && (v = json_object_get(o, "max_tokens")) && json_is_integer(v))
+        if (!j.error && (v = json_object_get(o, "max_tokens")) && json_is_integer(v))
             j.sp.max_tokens = (int)json_integer_value(v);
-        if (!rc && (v = json_object_get(o, "temperature")) && json_is_number(v))
+        if (!j.error && (v = json_object_get(o, "temperature")) && json_is_number(v))
             j.sp.temperature = (float)json_number_value(v);
-        if (!rc && (v = json_object_get(o, "top_p")) && json_is_number(v))
+        if (!j.error && (v = json_object_get(o, "top_p")) && json_is_number(v))
             j.sp.top_p = (float)json_number_value(v);
-        if (!rc && (v = json_object_get(o, "seed")) && json_is_integer(v))
+        if (!j.error && (v = json_object_get(o, "seed")) && json_is_integer(v))
             j.sp.seed = (uint64_t)json_integer_value(v);
         json_decref(o);
-        if (!rc && (!j.text || add_job(jobs, n, &j)))
+        if (!rc && add_job(jobs, n, &j))
             rc = cli_fail("out of memory");
-        if (rc)
+        if (rc) {
             free(j.text);
+            free(j.error);
+        }
     }
     free(line);
     fclose(f);
@@ -178,6 +210,14 @@ static int read_prompts(const char *path, const se_tokenizer_t *tok, const struc
 
 static void print_json(const struct job *j, size_t index)
 {
+    if (j->error) {
+        json_t *e = json_pack("{s:I, s:s}", "index", (json_int_t)index, "error", j->error);
+        char *s = json_dumps(e, JSON_COMPACT | JSON_ENSURE_ASCII);
+        puts(s);
+        free(s);
+        json_decref(e);
+        return;
+    }
     json_t *ids = json_array();
     for (int i = 0; i < j->n_gen; i++)
         json_array_append_new(ids, json_integer(j->ids[j->n_ids + (size_t)i]));
@@ -322,7 +362,7 @@ int cmd_generate(int argc, char **argv)
             goto out;
         }
         struct job j = {.sp = sp, .chat = true};
-        rc = render_chat(tok, msgs, "--chat", &j.text);
+        rc = render_chat(tok, msgs, "--chat", &j.text, err, sizeof(err)) ? cli_fail("%s", err) : 0;
         json_decref(msgs);
         if (rc || add_job(&jobs, &n_jobs, &j)) {
             free(j.text);
@@ -341,29 +381,50 @@ int cmd_generate(int argc, char **argv)
         rc = cli_fail("%s", err);
         goto out;
     }
+    /*
+     * With --prompts a prompt that cannot run fails alone (reported in its
+     * place; the exit status is 1 once the others have run); a single
+     * --prompt or --chat fails the command at once.
+     */
+    size_t n_failed = 0;
     for (size_t i = 0; i < n_jobs; i++) {
         struct job *j = &jobs[i];
-        if (!*j->text) {
-            rc = cli_fail("prompt %zu is empty: give some text to continue", i + 1);
+        char why[1200];
+        why[0] = '\0';
+        if (j->error) {
+            /* already reported while reading */
+        } else if (!*j->text) {
+            snprintf(why, sizeof(why), "prompt %zu is empty: give some text to continue", i + 1);
+        } else if (se_tokenizer_encode(tok, j->text, strlen(j->text), !j->chat, &j->ids,
+                                       &j->n_ids)) {
+            snprintf(why, sizeof(why), "prompt %zu: cannot tokenize", i + 1);
+        } else {
+            /* Room for the generated ids after the prompt's. */
+            int32_t *grown =
+                realloc(j->ids, (j->n_ids + (size_t)j->sp.max_tokens) * sizeof(int32_t));
+            if (!grown) {
+                rc = cli_fail("out of memory");
+                goto out;
+            }
+            j->ids = grown;
+            struct se_seq_params p = {
+                .prompt = j->ids, .n_prompt = j->n_ids, .sampling = j->sp, .user = i};
+            if (se_engine_submit(eng, &p, &j->seq, err, sizeof(err)))
+                snprintf(why, sizeof(why), "prompt %zu: %s", i + 1, err);
+        }
+        if (why[0] && !prompts) {
+            rc = cli_fail("%s", why);
             goto out;
         }
-        if (se_tokenizer_encode(tok, j->text, strlen(j->text), !j->chat, &j->ids, &j->n_ids)) {
-            rc = cli_fail("prompt %zu: cannot tokenize", i + 1);
-            goto out;
-        }
-        /* Room for the generated ids after the prompt's. */
-        int32_t *grown = realloc(j->ids, (j->n_ids + (size_t)j->sp.max_tokens) * sizeof(int32_t));
-        if (!grown) {
-            rc = cli_fail("out of memory");
-            goto out;
-        }
-        j->ids = grown;
-        struct se_seq_params p = {
-            .prompt = j->ids, .n_prompt = j->n_ids, .sampling = j->sp, .user = i};
-        int src = se_engine_submit(eng, &p, &j->seq, err, sizeof(err));
-        if (src) {
-            rc = cli_fail("prompt %zu: %s", i + 1, err);
-            goto out;
+        if (why[0])
+            job_fail(j, why);
+        if (j->error) {
+            n_failed++;
+            if (json)
+                print_json(j, i);
+            else
+                printf("[%zu] error: %s\n", i + 1, j->error);
+            fflush(stdout);
         }
     }
     for (;;) {
@@ -410,11 +471,16 @@ int cmd_generate(int argc, char **argv)
         if (n == 0 && se_engine_n_active(eng) == 0)
             break;
     }
+    if (n_failed)
+        rc =
+            cli_fail("%zu of %zu prompts failed (each is reported in its place)", n_failed, n_jobs);
 out:
     for (size_t i = 0; i < n_jobs; i++) {
         free(jobs[i].text);
         free(jobs[i].ids);
         free(jobs[i].out);
+        if (jobs[i].error && strcmp(jobs[i].error, "out of memory") != 0)
+            free(jobs[i].error);
     }
     free(jobs);
     se_engine_close(eng);

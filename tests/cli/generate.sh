@@ -64,5 +64,20 @@ echo '{"prompt": 5}' >"$tmp/bad.jsonl"
 check 1 'bad.jsonl:1' "$spool" generate --model "$m" --prompts "$tmp/bad.jsonl"
 echo 'nope' >"$tmp/bad.jsonl"
 check 1 'bad.jsonl:1: not a JSON object' "$spool" generate --model "$m" --prompts "$tmp/bad.jsonl"
+# One bad line fails that line only: the others run and print, the bad ones
+# are reported in their place, and the exit status is 1.
+printf '%s\n' '{"prompt": "one"}' '{"prompt": 5}' 'garbage' '{"prompt": ""}' '{"prompt": "four"}' >"$tmp/mixed.jsonl"
+"$spool" generate --model "$m" --prompts "$tmp/mixed.jsonl" --json --max-tokens 3 --temperature 0 >"$tmp/out" 2>"$tmp/err"
+rc=$?
+[ $rc = 1 ] || { echo "FAIL: mixed file exited $rc"; fail=1; }
+for i in 0 4; do grep -q "\"index\":$i,\"text\"" "$tmp/out" || { echo "FAIL: good line $i did not run"; cat "$tmp/out"; fail=1; }; done
+grep -q '"index":1,"error":".*mixed.jsonl:2: needs' "$tmp/out" || { echo "FAIL: line 2 error"; cat "$tmp/out"; fail=1; }
+grep -q '"index":2,"error":".*mixed.jsonl:3: not a JSON object' "$tmp/out" || { echo "FAIL: line 3 error"; fail=1; }
+grep -q '"index":3,"error":"prompt 4 is empty' "$tmp/out" || { echo "FAIL: empty prompt error"; fail=1; }
+grep -q '3 of 5 prompts failed' "$tmp/err" || { echo "FAIL: summary"; cat "$tmp/err"; fail=1; }
+# A malformed tokenizer.json is a clear error naming the file.
+cp -rL "$m" "$tmp/badtok"
+echo '{"model": {"type": "BPE", "vocab": [' >"$tmp/badtok/tokenizer.json"
+check 1 'badtok/tokenizer.json: invalid JSON at line' "$spool" generate --model "$tmp/badtok" --prompt hi
 [ $fail = 0 ] && echo ok
 exit $fail
