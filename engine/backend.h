@@ -36,13 +36,13 @@ struct se_tensor {
  * (out_features, in_features). Biases are NULL unless config.qkv_bias.
  */
 struct se_layer_weights {
-    const struct se_tensor *attn_norm;              /* (hidden) */
-    const struct se_tensor *wq, *wk, *wv;           /* (n_heads*head_dim | n_kv_heads*head_dim, hidden) */
-    const struct se_tensor *bq, *bk, *bv;           /* (out) or NULL */
-    const struct se_tensor *wo;                     /* (hidden, n_heads*head_dim) */
-    const struct se_tensor *ffn_norm;               /* (hidden) */
-    const struct se_tensor *w_gate, *w_up;          /* (intermediate, hidden) */
-    const struct se_tensor *w_down;                 /* (hidden, intermediate) */
+    const struct se_tensor *attn_norm;     /* (hidden) */
+    const struct se_tensor *wq, *wk, *wv;  /* (n_heads*head_dim | n_kv_heads*head_dim, hidden) */
+    const struct se_tensor *bq, *bk, *bv;  /* (out) or NULL */
+    const struct se_tensor *wo;            /* (hidden, n_heads*head_dim) */
+    const struct se_tensor *ffn_norm;      /* (hidden) */
+    const struct se_tensor *w_gate, *w_up; /* (intermediate, hidden) */
+    const struct se_tensor *w_down;        /* (hidden, intermediate) */
 };
 
 struct se_weights {
@@ -63,15 +63,15 @@ struct se_weights {
  */
 struct se_batch {
     int n_tokens;
-    const int32_t *tokens;        /* (n_tokens) */
-    const int32_t *positions;     /* (n_tokens) position of each token in its sequence */
+    const int32_t *tokens;    /* (n_tokens) */
+    const int32_t *positions; /* (n_tokens) position of each token in its sequence */
     int n_seqs;
-    const int32_t *seq_start;     /* (n_seqs) index of the sequence's first token here */
-    const int32_t *seq_n_tokens;  /* (n_seqs) its tokens in this batch */
-    const int32_t *seq_ctx_len;   /* (n_seqs) tokens cached after this pass (last position + 1) */
+    const int32_t *seq_start;    /* (n_seqs) index of the sequence's first token here */
+    const int32_t *seq_n_tokens; /* (n_seqs) its tokens in this batch */
+    const int32_t *seq_ctx_len;  /* (n_seqs) tokens cached after this pass (last position + 1) */
     const int32_t *const *block_tables; /* (n_seqs) -> (ceil(seq_ctx_len / block_size)) block ids */
     int n_logits;
-    const int32_t *logit_rows;    /* (n_logits) batch indices whose logits are wanted, ascending */
+    const int32_t *logit_rows; /* (n_logits) batch indices whose logits are wanted, ascending */
 };
 
 struct se_backend_i {
@@ -87,7 +87,8 @@ struct se_backend_i {
      * into logits (host memory, (n_logits, vocab_size)).
      */
     int (*forward)(void *ctx, const struct se_batch *b, float *logits);
-    /* Optional: copies KV block src to dst in every layer (copy-on-write of a shared prefix block). */
+    /* Optional: copies KV block src to dst in every layer (copy-on-write of a shared prefix block).
+     */
     int (*kv_copy)(void *ctx, int dst, int src);
     /* The message of the last failure (never NULL). */
     const char *(*last_error)(void *ctx);
@@ -104,10 +105,9 @@ struct se_backend_i {
      * A backend with sample also accepts logits == NULL in forward, leaving
      * the logits on the device.
      */
-    int (*sample)(void *ctx, int n_rows, const struct se_sampling *s,
-                  const int32_t *const *prompt, const size_t *n_prompt,
-                  const int32_t *const *generated, const size_t *n_generated,
-                  struct se_sample_result *out);
+    int (*sample)(void *ctx, int n_rows, const struct se_sampling *s, const int32_t *const *prompt,
+                  const size_t *n_prompt, const int32_t *const *generated,
+                  const size_t *n_generated, struct se_sample_result *out);
 };
 
 struct se_backend {

@@ -18,28 +18,28 @@ enum se_dtype { SE_DTYPE_F32, SE_DTYPE_F16, SE_DTYPE_BF16 };
 
 struct se_model_config {
     enum se_arch arch;
-    char arch_name[64];     /* as in config.json "architectures"[0] */
-    enum se_dtype dtype;    /* storage dtype of the weights */
+    char arch_name[64];  /* as in config.json "architectures"[0] */
+    enum se_dtype dtype; /* storage dtype of the weights */
     int vocab_size;
-    int hidden_size;        /* d_model */
-    int intermediate_size;  /* SwiGLU hidden width */
+    int hidden_size;       /* d_model */
+    int intermediate_size; /* SwiGLU hidden width */
     int n_layers;
     int n_heads;
-    int n_kv_heads;         /* grouped-query attention: n_heads % n_kv_heads == 0 */
-    int head_dim;           /* usually hidden_size / n_heads */
-    int max_position;       /* context length (max_position_embeddings) */
+    int n_kv_heads;   /* grouped-query attention: n_heads % n_kv_heads == 0 */
+    int head_dim;     /* usually hidden_size / n_heads */
+    int max_position; /* context length (max_position_embeddings) */
     float rms_eps;
     float rope_theta;
     /* Llama 3 rope_scaling ("rope_type": "llama3"); off when !rope_llama3. */
     bool rope_llama3;
     float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
     int rope_original_max_position;
-    bool tie_embeddings;    /* lm_head shares embed_tokens */
-    bool qkv_bias;          /* Qwen2: q/k/v projections have biases */
-    int32_t bos_id;         /* -1 when none */
+    bool tie_embeddings; /* lm_head shares embed_tokens */
+    bool qkv_bias;       /* Qwen2: q/k/v projections have biases */
+    int32_t bos_id;      /* -1 when none */
     int n_eos;
     int32_t eos_ids[SE_MAX_EOS]; /* from generation_config.json, else config.json */
-    int64_t n_params;       /* counted from the tensors */
+    int64_t n_params;            /* counted from the tensors */
 };
 
 typedef struct se_model se_model_t;
