@@ -343,6 +343,38 @@ static void convert_part(void *arg, int t, int nt)
     widens[j->W->dtype](j->dst + a, (const uint8_t *)j->W->data + 2 * a, b - a);
 }
 
+void se__widen(struct se_pool *pool, float *dst, const struct se_mat *W)
+{
+    struct convert_job j = {dst, W};
+    se__pool_run(pool, convert_part, &j);
+}
+
+/*
+ * One sgemm per pool thread over its share of W's rows (out's columns):
+ * OpenBLAS runs single-threaded (see cpu.c), so this is what uses every core.
+ * Each output element is computed by the same kernel over the same inputs
+ * whatever the split.
+ */
+struct gemm_job {
+    float *out;
+    const float *x, *w32;
+    int n, o, i;
+};
+
+static void gemm_part(void *arg, int t, int nt)
+{
+    const struct gemm_job *j = arg;
+    /* Slabs of whole 16-row groups keep OpenBLAS on its full-width kernels. */
+    int groups = (j->o + 15) / 16;
+    int r0 = (int)((int64_t)groups * t / nt) * 16, r1 = (int)((int64_t)groups * (t + 1) / nt) * 16;
+    if (r1 > j->o)
+        r1 = j->o;
+    if (r1 <= r0)
+        return;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->n, r1 - r0, j->i, 1.0f, j->x, j->i,
+                j->w32 + (size_t)r0 * j->i, j->i, 0.0f, j->out + r0, j->o);
+}
+
 void se__linear(struct se_pool *pool, float *out, const float *x, int n, const struct se_mat *W,
                 const float *bias, float *wscratch)
 {
@@ -357,11 +389,14 @@ void se__linear(struct se_pool *pool, float *out, const float *x, int n, const s
     }
     const float *w32 = W->data;
     if (W->dtype != SE_DTYPE_F32) {
-        struct convert_job j = {wscratch, W};
-        se__pool_run(pool, convert_part, &j);
-        w32 = wscratch;
+        w32 = W->f32;
+        if (!w32) {
+            se__widen(pool, wscratch, W);
+            w32 = wscratch;
+        }
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, o, i, 1.0f, x, i, w32, i, 0.0f, out, o);
+    struct gemm_job g = {out, x, w32, n, o, i};
+    se__pool_run(pool, gemm_part, &g);
     if (bias)
         for (int q = 0; q < n; q++)
             for (int r = 0; r < o; r++)
