@@ -131,7 +131,7 @@ static struct se_mat *gemm_mat(struct cpu *c, int k)
 
 /*
  * Widens every 16-bit matrix that sgemm multiplies (the layers' and lm_head,
- * not the embedding, which is only read by row) to an fp32 copy once, so that
+ * not the embedding, which is only read by row) to a transposed fp32 copy once, so that
  * batches of 16 tokens and more stop paying a conversion per product: 4 more
  * bytes per parameter, made only when all of them fit f32_budget(); otherwise
  * (or out of memory) sgemm keeps widening into wscratch per call. Decode
@@ -157,7 +157,7 @@ static void make_f32_copies(struct cpu *c)
             free(f);
             return; /* the rest keep the per-call widening */
         }
-        se__widen(c->pool, f, m);
+        se__widen_transposed(c->pool, f, m);
         m->f32 = f;
     }
     c->max_mat = 0; /* every product has its copy: no scratch needed */

@@ -26,15 +26,18 @@ struct se_mat {
     const void *data;
     int rows, cols;
     /*
-     * For a 16-bit matrix: an fp32 copy (rows, cols) made once at load for
-     * the sgemm path, or NULL (then each sgemm widens into wscratch). Owned
-     * by the backend.
+     * For a 16-bit matrix: an fp32 copy of W transposed, (cols, rows), made
+     * once at load for the sgemm path (OpenBLAS multiplies x . Wt faster than
+     * x . W^T: it packs the transposed layout more cheaply), or NULL (then
+     * each sgemm widens W into wscratch). Owned by the backend.
      */
     const float *f32;
 };
 
 /* Widens a 16-bit W into dst (W.rows * W.cols floats), split over the pool. */
 void se__widen(struct se_pool *pool, float *dst, const struct se_mat *W);
+/* Widens a 16-bit W into dst transposed, (W.cols, W.rows), split over the pool. */
+void se__widen_transposed(struct se_pool *pool, float *dst, const struct se_mat *W);
 
 /*
  * Chooses the matrix-vector kernels for this CPU (AVX2+FMA+F16C when present)
