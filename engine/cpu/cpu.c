@@ -6,6 +6,7 @@
 #include <cblas.h>
 #include <math.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,6 +75,17 @@ static float *convert(const struct se_tensor *t)
     return f;
 }
 
+/* Takes ownership of f (freed with the backend); false when out of memory. */
+static bool own(struct cpu *c, float *f)
+{
+    float **no = realloc(c->owned, (size_t)(c->n_owned + 1) * sizeof(*no));
+    if (!no)
+        return false;
+    c->owned = no;
+    c->owned[c->n_owned++] = f;
+    return true;
+}
+
 static int mat(struct cpu *c, const struct se_tensor *t, struct se_mat *m)
 {
     m->dtype = t->dtype;
@@ -83,20 +95,72 @@ static int mat(struct cpu *c, const struct se_tensor *t, struct se_mat *m)
     size_t n = (size_t)m->rows * m->cols;
     if (t->dtype == SE_DTYPE_F32 && (uintptr_t)t->data % sizeof(float)) {
         float *f = convert(t);
-        float **no = realloc(c->owned, (size_t)(c->n_owned + 1) * sizeof(*no));
-        if (!f || !no) {
+        if (!f || !own(c, f)) {
             free(f);
-            if (no)
-                c->owned = no;
             return SP_ENOMEM;
         }
-        c->owned = no;
-        c->owned[c->n_owned++] = f;
         m->data = f;
     }
     if (t->dtype != SE_DTYPE_F32 && n > c->max_mat)
         c->max_mat = n;
     return 0;
+}
+
+/*
+ * The budget for fp32 copies of the 16-bit matrices: SPOOL_CPU_F32_BYTES
+ * when set (0 turns the copies off), else a quarter of physical memory.
+ */
+static size_t f32_budget(void)
+{
+    const char *env = getenv("SPOOL_CPU_F32_BYTES");
+    if (env && *env)
+        return (size_t)strtoull(env, NULL, 10);
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    return pages > 0 && psz > 0 ? (size_t)pages / 4 * (size_t)psz : 0;
+}
+
+/* The k-th of the matrices se__linear multiplies: 7 per layer, then lm_head. */
+static struct se_mat *gemm_mat(struct cpu *c, int k)
+{
+    if (k == 7 * c->cfg.n_layers)
+        return &c->lm_head;
+    struct cpu_layer *L = &c->layers[k / 7];
+    struct se_mat *m[7] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+    return m[k % 7];
+}
+
+/*
+ * Widens every 16-bit matrix that sgemm multiplies (the layers' and lm_head,
+ * not the embedding, which is only read by row) to a transposed fp32 copy once, so that
+ * batches of 16 tokens and more stop paying a conversion per product: 4 more
+ * bytes per parameter, made only when all of them fit f32_budget(); otherwise
+ * (or out of memory) sgemm keeps widening into wscratch per call. Decode
+ * below 16 tokens still reads the 16-bit weights.
+ */
+static void make_f32_copies(struct cpu *c)
+{
+    int n_mats = 7 * c->cfg.n_layers + 1;
+    size_t total = 0;
+    for (int k = 0; k < n_mats; k++) {
+        struct se_mat *m = gemm_mat(c, k);
+        if (m->dtype != SE_DTYPE_F32)
+            total += (size_t)m->rows * m->cols * sizeof(float);
+    }
+    if (total == 0 || total > f32_budget())
+        return;
+    for (int k = 0; k < n_mats; k++) {
+        struct se_mat *m = gemm_mat(c, k);
+        if (m->dtype == SE_DTYPE_F32)
+            continue;
+        float *f = malloc((size_t)m->rows * m->cols * sizeof(float));
+        if (!f || !own(c, f)) {
+            free(f);
+            return; /* the rest keep the per-call widening */
+        }
+        se__widen_transposed(c->pool, f, m);
+        m->f32 = f;
+    }
+    c->max_mat = 0; /* every product has its copy: no scratch needed */
 }
 
 static void free_layer(struct cpu_layer *L)
@@ -133,6 +197,7 @@ static int cpu_load(void *ctx, const struct se_model_config *cfg, const struct s
             mat(c, s->w_down, &L->w_down))
             return fail(c, SP_ENOMEM, "cpu backend: out of memory loading layer %d", i);
     }
+    make_f32_copies(c);
     return 0;
 }
 

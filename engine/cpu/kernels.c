@@ -3,6 +3,7 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -343,6 +344,70 @@ static void convert_part(void *arg, int t, int nt)
     widens[j->W->dtype](j->dst + a, (const uint8_t *)j->W->data + 2 * a, b - a);
 }
 
+void se__widen(struct se_pool *pool, float *dst, const struct se_mat *W)
+{
+    struct convert_job j = {dst, W};
+    se__pool_run(pool, convert_part, &j);
+}
+
+/* Rows [r0, r1) of W, in blocks of 16 rows x 256 columns through a stack tile. */
+static void transpose_part(void *arg, int t, int nt)
+{
+    const struct convert_job *j = arg;
+    int o = j->W->rows, in = j->W->cols;
+    int r0 = (int)((int64_t)o * t / nt), r1 = (int)((int64_t)o * (t + 1) / nt);
+    float tile[16][256];
+    for (int rb = r0; rb < r1; rb += 16) {
+        int nr = r1 - rb < 16 ? r1 - rb : 16;
+        for (int kb = 0; kb < in; kb += 256) {
+            int nk = in - kb < 256 ? in - kb : 256;
+            for (int r = 0; r < nr; r++)
+                se__to_f32(tile[r], (const uint8_t *)j->W->data + 2 * ((size_t)(rb + r) * in + kb),
+                           j->W->dtype, (size_t)nk);
+            for (int k = 0; k < nk; k++)
+                for (int r = 0; r < nr; r++)
+                    j->dst[(size_t)(kb + k) * o + rb + r] = tile[r][k];
+        }
+    }
+}
+
+void se__widen_transposed(struct se_pool *pool, float *dst, const struct se_mat *W)
+{
+    struct convert_job j = {dst, W};
+    se__pool_run(pool, transpose_part, &j);
+}
+
+/*
+ * One sgemm per pool thread over its share of W's rows (out's columns):
+ * OpenBLAS runs single-threaded (see cpu.c), so this is what uses every core.
+ * Each output element is computed by the same kernel over the same inputs
+ * whatever the split.
+ */
+struct gemm_job {
+    float *out;
+    const float *x, *w32;
+    int n, o, i;
+    bool transposed; /* w32 is (i, o), else (o, i) */
+};
+
+static void gemm_part(void *arg, int t, int nt)
+{
+    const struct gemm_job *j = arg;
+    /* Slabs of whole 16-row groups keep OpenBLAS on its full-width kernels. */
+    int groups = (j->o + 15) / 16;
+    int r0 = (int)((int64_t)groups * t / nt) * 16, r1 = (int)((int64_t)groups * (t + 1) / nt) * 16;
+    if (r1 > j->o)
+        r1 = j->o;
+    if (r1 <= r0)
+        return;
+    if (j->transposed)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, j->n, r1 - r0, j->i, 1.0f, j->x,
+                    j->i, j->w32 + r0, j->o, 0.0f, j->out + r0, j->o);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, j->n, r1 - r0, j->i, 1.0f, j->x, j->i,
+                    j->w32 + (size_t)r0 * j->i, j->i, 0.0f, j->out + r0, j->o);
+}
+
 void se__linear(struct se_pool *pool, float *out, const float *x, int n, const struct se_mat *W,
                 const float *bias, float *wscratch)
 {
@@ -355,13 +420,15 @@ void se__linear(struct se_pool *pool, float *out, const float *x, int n, const s
         se__pool_run(pool, matvec_part, &j);
         return;
     }
-    const float *w32 = W->data;
-    if (W->dtype != SE_DTYPE_F32) {
-        struct convert_job j = {wscratch, W};
-        se__pool_run(pool, convert_part, &j);
-        w32 = wscratch;
+    struct gemm_job g = {out, x, W->data, n, o, i, false};
+    if (W->dtype != SE_DTYPE_F32 && W->f32) {
+        g.w32 = W->f32;
+        g.transposed = true;
+    } else if (W->dtype != SE_DTYPE_F32) {
+        se__widen(pool, wscratch, W);
+        g.w32 = wscratch;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, o, i, 1.0f, x, i, w32, i, 0.0f, out, o);
+    se__pool_run(pool, gemm_part, &g);
     if (bias)
         for (int q = 0; q < n; q++)
             for (int r = 0; r < o; r++)

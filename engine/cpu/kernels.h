@@ -25,7 +25,19 @@ struct se_mat {
     enum se_dtype dtype;
     const void *data;
     int rows, cols;
+    /*
+     * For a 16-bit matrix: an fp32 copy of W transposed, (cols, rows), made
+     * once at load for the sgemm path (OpenBLAS multiplies x . Wt faster than
+     * x . W^T: it packs the transposed layout more cheaply), or NULL (then
+     * each sgemm widens W into wscratch). Owned by the backend.
+     */
+    const float *f32;
 };
+
+/* Widens a 16-bit W into dst (W.rows * W.cols floats), split over the pool. */
+void se__widen(struct se_pool *pool, float *dst, const struct se_mat *W);
+/* Widens a 16-bit W into dst transposed, (W.cols, W.rows), split over the pool. */
+void se__widen_transposed(struct se_pool *pool, float *dst, const struct se_mat *W);
 
 /*
  * Chooses the matrix-vector kernels for this CPU (AVX2+FMA+F16C when present)
@@ -39,8 +51,9 @@ const char *se__kernels_name(void);
  * out (n, W.rows) = x (n, W.cols) . W^T, plus bias (W.rows) when not NULL.
  * Fewer than se__gemm_min_rows rows go to a threaded kernel that reads W in
  * its storage dtype once for all rows (decode is bound by memory bandwidth,
- * so 16-bit weights are read as such); more rows go to OpenBLAS sgemm, after
- * converting a 16-bit W into wscratch (W.rows x W.cols floats) on the pool.
+ * so 16-bit weights are read as such); more rows go to OpenBLAS sgemm split by rows of
+ * W over the pool, on W.f32 when set, else after converting a 16-bit W into
+ * wscratch (W.rows x W.cols floats; unused otherwise, may then be NULL).
  */
 void se__linear(struct se_pool *pool, float *out, const float *x, int n, const struct se_mat *W,
                 const float *bias, float *wscratch);

@@ -40,8 +40,11 @@ def check(exe, d):
     prompts = [list(map(int, rng.integers(0, V, n))) for n in (7, 13, 5)]
     ok = True
     # AVX2 matrix-vector kernels with sgemm from 4 rows (so prefill passes take the sgemm
-    # path), then the portable kernels with the default threshold (everything matrix-vector).
-    for kernels in ('default', 'generic'):
+    # path, on the fp32 copies of 16-bit weights), the same without the copies (sgemm
+    # widens per call), then the portable kernels with the default threshold (everything
+    # matrix-vector).
+    runs = ('default', 'widen', 'generic') if '-f32' not in name else ('default', 'generic')
+    for kernels in runs:
         ok = check_run(exe, d, name + ' (%s kernels)' % kernels, ref, prompts, kernels) and ok
     return ok
 
@@ -53,6 +56,8 @@ def check_run(exe, d, name, ref, prompts, kernels):
         env['SPOOL_CPU_KERNELS'] = 'generic'
     else:
         env['SPOOL_CPU_GEMM_MIN_ROWS'] = '4'
+    if kernels == 'widen':
+        env['SPOOL_CPU_F32_BYTES'] = '0'
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'logits.bin')
         args = [exe, d, out, str(GEN), '5', '4'] + [','.join(map(str, p)) for p in prompts]
