@@ -126,13 +126,21 @@ kill)
     ;;
 stop)
     wait_done $((n / 5))
-    # Freeze w1 while it holds shards, well past its 2 s lease.
-    w1_id=$(q "SELECT max(id) FROM spool.workers WHERE name = 'w1'")
-    kill -STOP "${wpid[w1]}"
-    frozen_at=$(q "SELECT clock_timestamp()")
-    held=$(q "SELECT string_agg(id::text, ',') FROM spool.shards
-               WHERE job_id = $job AND state = 'leased' AND worker_id = $w1_id")
-    [ -n "$held" ] || fail "w1 held no shard when frozen"
+    # Freeze w1 while it holds shards (frozen first, then asked, so that it
+    # cannot release them in between), well past its 2 s lease.
+    held=
+    for _ in $(seq 1 300); do
+        w1_id=$(q "SELECT coalesce(max(id), 0) FROM spool.workers WHERE name = 'w1'")
+        kill -STOP "${wpid[w1]}"
+        frozen_at=$(q "SELECT clock_timestamp()")
+        held=$(q "SELECT string_agg(id::text, ',') FROM spool.shards
+                   WHERE job_id = $job AND state = 'leased' AND worker_id = $w1_id")
+        [ -n "$held" ] && break
+        kill -CONT "${wpid[w1]}"
+        finished && fail "the job finished before w1 could be frozen holding a shard"
+        sleep 0.05
+    done
+    [ -n "$held" ] || fail "w1 never held a shard"
     # How often each was assigned to w1 so far (the scheduler logs each ASSIGN).
     declare -A assigned
     for sh in ${held//,/ }; do
