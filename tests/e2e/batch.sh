@@ -15,6 +15,8 @@
 #          nothing more for the shards it lost.
 #   cancel spool.cancel_job mid-job: no request changes state afterwards
 #          except to cancelled, and finished results are kept.
+#   failover  kill -9 of the active scheduler with a standby running.
+#   pgrestart PostgreSQL stopped and started again mid-job.
 set -euo pipefail
 scenario=$1
 spool=$(realpath "$2")
@@ -41,6 +43,7 @@ cleanup() {
     exit $rc
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT
 fail() { echo "FAIL ($scenario): $*"; exit 1; }
 dsn=$("$spool" dev up 2>/dev/null)
 export SPOOL_DSN=$dsn
@@ -49,13 +52,30 @@ q() { psql "$dsn" -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
 "$spool" models push "$models/llama-f32" --name tiny --alias prod >/dev/null
 
 # Short heartbeats and leases so that a dead or frozen worker's shards come
-# back within seconds.
-"$scheduler" --listen 127.0.0.1:0 --port-file "$h/sched.port" --heartbeat-ms 200 \
-    --lease-ttl-ms 2000 --sweep-ms 200 --shard-size 50 --log-level info >"$h/scheduler.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 300); do [ -s "$h/sched.port" ] && break; sleep 0.1; done
-[ -s "$h/sched.port" ] || fail "the scheduler did not write its port"
-port=$(cat "$h/sched.port")
+# back within seconds. With a standby (failover) both listen on one fixed
+# port: only the active one opens it.
+listen=127.0.0.1:0
+if [ "$scenario" = failover ]; then
+    listen=127.0.0.1:$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
+start_scheduler() { # start_scheduler NAME: its pid in spid[NAME]; writes $h/NAME.port when active
+    "$scheduler" --listen "$listen" --port-file "$h/$1.port" --heartbeat-ms 200 \
+        --lease-ttl-ms 2000 --sweep-ms 200 --lock-retry-ms 100 --shard-size 50 --log-level info \
+        >"$h/$1.log" 2>&1 &
+    pids+=($!)
+    spid[$1]=$!
+}
+declare -A spid
+wait_port() { # wait_port NAME
+    for _ in $(seq 1 600); do [ -s "$h/$1.port" ] && return 0; sleep 0.1; done
+    fail "scheduler $1 did not become active"
+}
+start_scheduler scheduler
+wait_port scheduler
+port=$(cat "$h/scheduler.port")
+if [ "$scenario" = failover ]; then
+    start_scheduler standby
+fi
 
 n_workers=0
 declare -A wpid
@@ -148,6 +168,20 @@ stop)
     done
     sleep 6
     kill -CONT "${wpid[w1]}"
+    ;;
+failover)
+    wait_done $((n / 4))
+    kill -KILL "${spid[scheduler]}"
+    wait_port standby
+    [ "$(cat "$h/standby.port")" = "$port" ] || fail "the standby listens elsewhere"
+    echo "scheduler killed after $(count_done) requests; the standby took over"
+    ;;
+pgrestart)
+    wait_done $((n / 4))
+    echo "stopping PostgreSQL after $(count_done) requests"
+    "$spool" dev down >/dev/null 2>&1
+    sleep 1
+    [ "$("$spool" dev up 2>/dev/null)" = "$dsn" ] || fail "the DSN changed across a restart"
     ;;
 cancel)
     wait_done $((n / 4))
