@@ -280,4 +280,8 @@ if len(ref) != len(rows):
 print(f"{compared} outputs compared with spool generate, {bad} differ")
 sys.exit(1 if bad else 0)
 EOF
+# In the sanitizer build a daemon's report is a failure too.
+if grep -l "runtime error:\|AddressSanitizer\|LeakSanitizer" "$h"/*.log; then
+    fail "sanitizer report in the logs above"
+fi
 echo ok
