@@ -434,6 +434,11 @@ int sched_listener_open(struct sched *s)
     s->bound_port = bound.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&bound)->sin6_port)
                                                 : ntohs(((struct sockaddr_in *)&bound)->sin_port);
     s->listener = l;
+    /* With --listen HOST:0 the port is chosen once: after stepping down
+     * (PostgreSQL restarted, lock lost) the listener reopens on the same
+     * port, the one the workers already dial. */
+    if (s->cfg.listen_port == 0)
+        s->cfg.listen_port = s->bound_port;
     if (write_port_file(s) != 0)
         sp_error("cannot write the port file %s", s->cfg.port_file);
     /* A machine-readable line for whoever started us. */

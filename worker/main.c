@@ -38,7 +38,7 @@ static const char usage[] =
     "  --max-batch N           sequences the engine runs at once (default 32)\n"
     "  --kv-memory N           KV cache bytes (K, M, G suffixes; default: the engine's)\n"
     "  --threads N             CPU threads (default: all cores)\n"
-    "  --backend B             engine backend: cpu (default)\n"
+    "  --backend B             engine backend: cpu (default), or null (no arithmetic)\n"
     "  --checkpoint-tokens N   checkpoint a generation every N tokens (default 64)\n"
     "  --checkpoint-seconds T  and every T seconds (default 10; 0 = off)\n"
     "  --preempt-notice SRC    a preemption notice source, repeatable: file:PATH,\n"
@@ -220,8 +220,11 @@ int main(int argc, char **argv)
             c->threads = (int)v;
             break;
         case O_BACKEND:
-            if (strcmp(optarg, "cpu") != 0)
-                return usage_error("--backend '%s': the worker runs the cpu backend only so far",
+            /* "null" is the engine's backend without arithmetic, for measuring
+             * the queue (tests/bench/queue). */
+            if (strcmp(optarg, "cpu") != 0 && strcmp(optarg, "null") != 0)
+                return usage_error("--backend '%s': the worker runs the cpu or null backend only "
+                                   "so far",
                                    optarg);
             c->backend = optarg;
             break;

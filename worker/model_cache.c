@@ -78,6 +78,7 @@ int wk_model_load(struct worker *w, const char *digest, char *err, size_t errcap
         struct se_engine_opts eo = {.n_threads = w->cfg.threads,
                                     .max_seqs = w->cfg.max_batch,
                                     .kv_bytes = w->cfg.kv_bytes,
+                                    .backend = w->cfg.backend,
                                     .tok = w->tok};
         rc = se_engine_open(w->model, &eo, &w->eng, e2, sizeof(e2));
     }

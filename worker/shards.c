@@ -417,6 +417,7 @@ static void engine_failed(struct worker *w, int rc)
     struct se_engine_opts eo = {.n_threads = w->cfg.threads,
                                 .max_seqs = w->cfg.max_batch,
                                 .kv_bytes = w->cfg.kv_bytes,
+                                .backend = w->cfg.backend,
                                 .tok = w->tok};
     char err[512];
     if (se_engine_open(w->model, &eo, &w->eng, err, sizeof(err))) {
