@@ -3,8 +3,8 @@
  * tokens, on fp32 copies of 16-bit weights made once at load when they fit
  * the budget (SPOOL_CPU_F32_BYTES, default a quarter of physical memory); a
  * threaded matrix-vector kernel reading the weights in their storage dtype
- * for few tokens (decode); and the pool of pool.h for everything else. All scratch memory is sized at kv_alloc for max_tokens
- * tokens per forward pass; forward never allocates.
+ * for few tokens (decode); and the pool of pool.h for everything else. All scratch memory is sized
+ * at kv_alloc for max_tokens tokens per forward pass; forward never allocates.
  */
 #ifndef SPOOL_ENGINE_CPU_H
 #define SPOOL_ENGINE_CPU_H
