@@ -153,6 +153,14 @@ static const struct wire_field sampling_fields[] = {
 SCHEMA(sampling_schema, "sampling", S, sampling_fields);
 #undef S
 
+#define S struct sp_wire_message
+static const struct wire_field message_fields[] = {
+    REQ(S, role, WK_STR, role),
+    REQ(S, content, WK_STR, content),
+};
+SCHEMA(message_schema, "message", S, message_fields);
+#undef S
+
 #define S struct sp_wire_live_request
 static const struct wire_field live_fields[] = {
     REQ(S, request_id, WK_U64, request_id),
@@ -160,6 +168,8 @@ static const struct wire_field live_fields[] = {
     REQ(S, prompt, WK_PROMPT, prompt),
     SUB(S, sampling, WK_STRUCT, sampling, -1, sampling_schema),
     REQ(S, priority, WK_I32, priority),
+    {"messages", WK_STRUCT_ARRAY, 0, offsetof(S, messages), -1, offsetof(S, n_messages),
+     &message_schema},
 };
 SCHEMA(live_schema, "LIVE_REQUEST", S, live_fields);
 #undef S

@@ -178,12 +178,25 @@ struct sp_wire_prompt {
     size_t text_len;
 };
 
+/* One chat message of a live chat request. */
+struct sp_wire_message {
+    const char *role;    /* "system", "user", "assistant", "tool" */
+    const char *content; /* the message's text */
+};
+
 struct sp_wire_live_request { /* scheduler -> worker */
     uint64_t request_id;
     struct sp_wire_model model; /* digest optional */
     struct sp_wire_prompt prompt;
     struct sp_wire_sampling sampling;
     int32_t priority; /* higher runs first; live work is above batch work */
+    /*
+     * Optional (protocol 1.1): a chat. When present, the worker renders these
+     * messages with the model's chat template (adding the assistant's turn)
+     * and the prompt must be empty text.
+     */
+    struct sp_wire_message *messages;
+    uint32_t n_messages;
 };
 
 struct sp_wire_tokens { /* worker -> scheduler: the next tokens of a live request */

@@ -138,6 +138,9 @@ static void decoded_values(void **state)
     assert_true(out.live.sampling.temperature == 0.7);
     assert_string_equal(out.live.sampling.stop[0], "\n\nUser:");
     assert_int_equal(out.live.priority, -3);
+    assert_int_equal(out.live.n_messages, 2);
+    assert_string_equal(out.live.messages[1].role, "user");
+    assert_string_equal(out.live.messages[1].content, "Name a queue.");
     sp_wire_frame_free(&out);
     msgpack_sbuffer_destroy(&sb);
 
@@ -150,6 +153,8 @@ static void decoded_values(void **state)
     assert_false(out.live.sampling.has_temperature);
     assert_true(out.live.prompt.is_text);
     assert_string_equal(out.live.prompt.text, "Write a haiku about queues.");
+    assert_int_equal(out.live.n_messages, 0);
+    assert_null(out.live.messages);
     sp_wire_frame_free(&out);
     msgpack_sbuffer_destroy(&sb);
 }

@@ -95,6 +95,10 @@ static inline void wire_sample(enum sp_wire_type type, int full, struct sp_wire_
             s->n_stop_ids = 2;
             s->stop = sample_stop;
             s->n_stop = 2;
+            static struct sp_wire_message msgs[2] = {{"system", "Be brief."},
+                                                     {"user", "Name a queue."}};
+            l->messages = msgs;
+            l->n_messages = 2;
         } else {
             l->prompt.is_text = true;
             l->prompt.text = "Write a haiku about queues.";
