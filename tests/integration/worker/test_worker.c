@@ -1251,6 +1251,18 @@ static void send_live(uint64_t id, uint32_t version, const char *digest, const c
     fs_send(&f);
 }
 
+/* A LIVE_REQUEST whose prompt is token ids. */
+static void send_live_ids(uint64_t id, const int32_t *ids, uint32_t n,
+                          const struct sp_wire_sampling *sp)
+{
+    struct sp_wire_frame f = {.type = SP_WIRE_LIVE_REQUEST,
+                              .live = {.request_id = id,
+                                       .model = {.name = "tiny", .version = 1},
+                                       .prompt = {.tokens = (int32_t *)ids, .n_tokens = n},
+                                       .sampling = *sp}};
+    fs_send(&f);
+}
+
 static void send_cancel(uint64_t id)
 {
     struct sp_wire_frame f = {.type = SP_WIRE_CANCEL, .cancel = {.request_id = id}};
@@ -1343,6 +1355,16 @@ static const struct sp_wire_message chat[2] = {
 static const char chat_json[] = "[{\"role\": \"system\", \"content\": \"You are terse.\"}, "
                                 "{\"role\": \"user\", \"content\": \"Name a colour.\"}]";
 
+static void expect_refusal(uint64_t id, const char *code, const char *needle)
+{
+    struct fs_live l = wait_live_end(id, 30);
+    if (strcmp(l.code, code) != 0 || !strstr(l.message, needle))
+        fail_msg("live request %" PRIu64 ": got ERROR %s \"%s\"; want %s naming \"%s\"", id, l.code,
+                 l.message, code, needle);
+    assert_int_equal(l.frames, 0);
+    assert_false(l.usage);
+}
+
 static void live_streams_like_generate(void **state)
 {
     (void)state;
@@ -1410,18 +1432,27 @@ static void live_streams_like_generate(void **state)
     assert_memory_equal(l3.text, l1.text, l3.text_len);
     assert_string_equal(l3.finish, "stop");
     assert_false(l3.bad_utf8);
+
+    /* A prompt of token ids: the ids of the same text give the same stream. */
+    char e[512];
+    se_tokenizer_t *tok;
+    assert_int_equal(se_tokenizer_open(model_dir, &tok, e, sizeof e), 0);
+    int32_t *ids;
+    size_t n_ids;
+    assert_int_equal(se_tokenizer_encode(tok, "Once upon a time", 16, true, &ids, &n_ids), 0);
+    se_tokenizer_close(tok);
+    send_live_ids(4, ids, (uint32_t)n_ids, &s1);
+    struct fs_live l4 = wait_live_end(4, 60);
+    assert_int_equal(l4.n_ids, l1.n_ids);
+    assert_memory_equal(l4.ids, l1.ids, sizeof(int32_t) * (size_t)l1.n_ids);
+    assert_int_equal(l4.text_len, l1.text_len);
+    assert_memory_equal(l4.text, l1.text, l1.text_len);
+    ids[0] = 1 << 30; /* outside the vocabulary */
+    send_live_ids(5, ids, (uint32_t)n_ids, &s1);
+    expect_refusal(5, "SP_EINVAL", "outside the vocabulary");
+    free(ids);
     free(digest);
     stop_worker(w);
-}
-
-static void expect_refusal(uint64_t id, const char *code, const char *needle)
-{
-    struct fs_live l = wait_live_end(id, 30);
-    if (strcmp(l.code, code) != 0 || !strstr(l.message, needle))
-        fail_msg("live request %" PRIu64 ": got ERROR %s \"%s\"; want %s naming \"%s\"", id, l.code,
-                 l.message, code, needle);
-    assert_int_equal(l.frames, 0);
-    assert_false(l.usage);
 }
 
 static void live_refusals_name_the_problem(void **state)
@@ -1460,6 +1491,12 @@ static void live_refusals_name_the_problem(void **state)
     struct fs_live l = wait_live_end(18, 60);
     assert_string_equal(l.code, "");
     assert_true(l.n_ids >= 1 && l.n_ids <= 3);
+    /* After a DRAIN from the scheduler, new live requests are refused. */
+    struct sp_wire_frame drain = {.type = SP_WIRE_DRAIN,
+                                  .drain = {.reason = "shutdown", .deadline_ms = 10000}};
+    fs_send(&drain);
+    send_live(19, 1, NULL, "hello", NULL, 0, &ok_sp);
+    expect_refusal(19, "SP_ESTATE", "is draining");
     stop_worker(w);
 
     /* A --model that does not resolve stops the worker at start-up, naming it. */
@@ -1520,7 +1557,14 @@ static void live_cancel_and_lost_connection_free_sequences(void **state)
     struct sp_wire_sampling small = {.has_max_tokens = true, .max_tokens = 2};
     send_live(23, 1, NULL, "hello", NULL, 0, &small);
     assert_string_equal(wait_live_end(23, 60).code, "");
-    stop_worker(w);
+    /* A preemption notice ends running live requests with finish_reason error, then USAGE. */
+    send_live(24, 1, NULL, "A story cut short", NULL, 0, &longer);
+    wait_live_tokens(24, 2, 60);
+    stop_worker(w);                             /* SIGTERM */
+    struct fs_live cut = wait_live_end(24, 10); /* frames sent before exiting */
+    assert_string_equal(cut.finish, "error");
+    assert_true(cut.usage);
+    assert_int_equal(cut.frames_after_end, 0);
 }
 
 /*
