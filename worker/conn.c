@@ -6,6 +6,8 @@
  * whenever the connection ends, unless the worker is stopping. Shards keep
  * running while the connection is down: their results go to PostgreSQL,
  * fenced by their lease tokens; frames about them are dropped meanwhile.
+ * Live requests do not outlive the connection that brought them: when it
+ * ends, every one is cancelled (live.c).
  */
 #include "worker.h"
 
@@ -97,17 +99,12 @@ static void on_frame(sp_wire_conn_t *c, struct sp_wire_frame *f)
         sp_info("the scheduler said goodbye (%s)", f->goodbye.reason);
         sp_wire_conn_close(c);
         break;
-    case SP_WIRE_LIVE_REQUEST: {
-        struct sp_wire_frame e = {
-            .type = SP_WIRE_ERROR,
-            .error = {.code = "SP_EUNSUPPORTED",
-                      .message =
-                          "this worker runs batch shards only; the live lane is not built yet",
-                      .has_request_id = true,
-                      .request_id = f->live.request_id}};
-        wk_conn_send(w, &e);
+    case SP_WIRE_LIVE_REQUEST:
+        wk_live_request(w, &f->live);
         break;
-    }
+    case SP_WIRE_CANCEL:
+        wk_live_cancel(w, f->cancel.request_id);
+        break;
     case SP_WIRE_ERROR:
         sp_warn("the scheduler reports %s: %s", f->error.code, f->error.message);
         break;
@@ -127,6 +124,11 @@ static void on_close(sp_wire_conn_t *c, int err)
     w->sc = NULL;
     w->registered = false;
     uv_timer_stop(&w->heartbeat_timer);
+    /* Live requests stream to this connection only: nobody can receive them now. */
+    if (!w->stopping) {
+        wk_live_end_all(w, NULL, "the scheduler connection closed");
+        wk_shards_kick(w); /* delivers the cancelled sequences' events */
+    }
     schedule_reconnect(w);
 }
 

@@ -1,6 +1,7 @@
 /*
  * spool-worker: hosts one engine on one GPU (or the CPU) and runs the batch
- * shards the scheduler assigns it. This file holds the process shell:
+ * shards the scheduler assigns it, and the live requests it routes to it
+ * (for the model named by --model). This file holds the process shell:
  * configuration, start-up checks, the libuv loop and the exit code. See
  * worker.h for the other files.
  *
@@ -24,7 +25,8 @@
 
 static const char usage[] =
     "usage: spool-worker [OPTIONS]\n\n"
-    "A Spool worker: runs one engine and takes batch shards from the scheduler.\n\n"
+    "A Spool worker: runs one engine and takes batch shards and live requests from the\n"
+    "scheduler.\n\n"
     "  --dsn DSN               PostgreSQL connection string (env SPOOL_DSN)\n"
     "  --scheduler HOST:PORT   scheduler address (env SPOOL_SCHEDULER, default 127.0.0.1:7470)\n"
     "  --name NAME             worker name, unique in the fleet (default: the host name)\n"
@@ -35,6 +37,10 @@ static const char usage[] =
     "  --model-cache DIR       local cache of unpacked models (env SPOOL_MODEL_CACHE,\n"
     "                          default ./.spool/cache)\n"
     "  --model-cache-limit N   cache size limit in bytes (K, M, G suffixes; default none)\n"
+    "  --model REF             load this model version at start-up and serve live requests\n"
+    "                          for it: NAME (its prod alias, else the newest version),\n"
+    "                          NAME@ALIAS, NAME@VERSION or NAME@sha256:HEX; the worker\n"
+    "                          then runs no other model (batch shards of others are released)\n"
     "  --max-batch N           sequences the engine runs at once (default 32)\n"
     "  --kv-memory N           KV cache bytes (K, M, G suffixes; default: the engine's)\n"
     "  --threads N             CPU threads (default: all cores)\n"
@@ -124,6 +130,7 @@ int main(int argc, char **argv)
         O_STORE,
         O_CACHE,
         O_CACHE_LIMIT,
+        O_MODEL,
         O_BATCH,
         O_KV,
         O_THREADS,
@@ -146,6 +153,7 @@ int main(int argc, char **argv)
         {"model-store", required_argument, NULL, O_STORE},
         {"model-cache", required_argument, NULL, O_CACHE},
         {"model-cache-limit", required_argument, NULL, O_CACHE_LIMIT},
+        {"model", required_argument, NULL, O_MODEL},
         {"max-batch", required_argument, NULL, O_BATCH},
         {"kv-memory", required_argument, NULL, O_KV},
         {"threads", required_argument, NULL, O_THREADS},
@@ -203,6 +211,13 @@ int main(int argc, char **argv)
             if (parse_num(optarg, 0, 1e18, true, &v))
                 return usage_error("--model-cache-limit must be a size in bytes, got '%s'", optarg);
             c->model_cache_limit = (uint64_t)v;
+            break;
+        case O_MODEL:
+            if (!*optarg || *optarg == '@')
+                return usage_error("--model '%s' must be NAME, NAME@ALIAS, NAME@VERSION or "
+                                   "NAME@sha256:HEX",
+                                   optarg);
+            c->model_ref = optarg;
             break;
         case O_BATCH:
             if (parse_num(optarg, 1, 4096, false, &v) || v != (int)v)
@@ -311,6 +326,13 @@ int main(int argc, char **argv)
     PQclear(r);
     if (sp_store_open(c->model_store, &w.store, err, sizeof(err))) {
         sp_error("cannot open the model store: %s", err);
+        PQfinish(w.db);
+        return 1;
+    }
+    if (c->model_ref && wk_live_load(&w, err, sizeof(err))) {
+        sp_error("cannot load the live model: %s", err);
+        wk_model_unload(&w);
+        sp_store_close(&w.store);
         PQfinish(w.db);
         return 1;
     }

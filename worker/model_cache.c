@@ -1,9 +1,12 @@
 /*
  * The loaded model version. A worker holds one model version at a time: one
- * model, tokenizer and engine. An ASSIGN for another version is taken only
- * when the engine is idle (the old version is then closed); otherwise the
- * shard is released for another worker (shards.c). Several engines side by
- * side are a later step.
+ * model, tokenizer and engine, shared by batch shards and live requests. An
+ * ASSIGN for another version is taken only when the engine is idle, live
+ * requests included (the old version is then closed); otherwise the shard is
+ * released for another worker (shards.c). A worker started with --model
+ * (live.c) is pinned: it never swaps its version, so the live requests the
+ * scheduler routes to it keep finding it. Several engines side by side are a
+ * later step.
  */
 #include "worker.h"
 
@@ -16,6 +19,8 @@
 
 void wk_model_unload(struct worker *w)
 {
+    /* Only ended live requests can remain (a load waits for an idle engine): they go with it. */
+    wk_live_forget_all(w);
     se_engine_close(w->eng);
     w->eng = NULL;
     if (w->tok)
@@ -31,10 +36,17 @@ int wk_model_load(struct worker *w, const char *digest, char *err, size_t errcap
 {
     if (w->eng && strcmp(w->digest, digest) == 0)
         return 0;
+    if (w->pinned[0] && strcmp(w->pinned, digest) != 0) {
+        snprintf(err, errcap,
+                 "this worker serves live requests for %s (--model %s) and runs no other "
+                 "model; %s must go to another worker",
+                 w->pinned, w->cfg.model_ref, digest);
+        return SP_ESTATE;
+    }
     if (w->eng && se_engine_n_active(w->eng) > 0) {
         snprintf(err, errcap,
-                 "this worker is running model %s and holds one model at a time; %s must wait "
-                 "for another worker",
+                 "this worker is running model %s (batch or live sequences) and holds one model "
+                 "at a time; %s must wait for another worker",
                  w->digest, digest);
         return SP_ESTATE;
     }

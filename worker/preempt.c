@@ -89,6 +89,8 @@ void wk_drain(struct worker *w, const char *source, bool preempted)
             deadline_ms);
     uv_timer_stop(&w->step_timer);
     w->stepping = false;
+    /* Live requests cannot be handed over mid-stream: they end now, with finish_reason error. */
+    wk_live_end_all(w, "error", preempted ? "the worker is preempted" : "the worker is stopping");
     if (preempted) {
         struct sp_wire_frame f = {.type = SP_WIRE_DRAIN,
                                   .drain = {.reason = "spot notice", .deadline_ms = deadline_ms}};

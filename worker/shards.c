@@ -12,10 +12,13 @@
  * ("lease lost"), the shard's sequences are cancelled in the engine and its
  * unwritten results dropped: nothing more is written for it.
  *
- * GPU time: the engine does not report per-sequence work yet, so the wall
- * time of each step is divided equally among the sequences that produced a
- * token in it (prefill chunks that produce no token are charged to the
- * step's tokens).
+ * The step loop here serves live requests too (live.c): each step's events
+ * are sorted by the sequence's tag, live ones first, so their TOKENS leave
+ * before any batch result is written to PostgreSQL.
+ *
+ * GPU time: the wall time of each step (se_engine_last_usage) is divided
+ * among the sequences in proportion to the tokens the step computed for
+ * them (prompt, recomputed and decode tokens; prefix-cache hits cost nothing).
  */
 #include "worker.h"
 
@@ -26,18 +29,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #define WK_FLUSH_MS      100
 #define WK_FLUSH_RESULTS 64
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static void u64s(char *buf, uint64_t v)
 {
@@ -392,13 +387,17 @@ static void free_orphan(struct worker *w, struct wk_seq *q)
     }
 }
 
-/* The engine failed a step: every sequence in it ends as "retry", and the engine is reopened. */
+/*
+ * The engine failed a step: every batch sequence in it ends as "retry", every
+ * live one with finish_reason error, and the engine is reopened.
+ */
 static void engine_failed(struct worker *w, int rc)
 {
     char msg[600];
     snprintf(msg, sizeof(msg), "engine step failed (%s): %s", sp_err_name(rc),
              se_engine_error(w->eng));
     sp_error("%s; requeueing every running request", msg);
+    wk_live_end_all(w, "error", msg);
     for (struct wk_shard *s = w->shards; s; s = s->next) {
         while (s->seqs) {
             struct wk_seq *q = s->seqs;
@@ -414,6 +413,7 @@ static void engine_failed(struct worker *w, int rc)
     }
     se_engine_close(w->eng);
     w->eng = NULL;
+    wk_live_forget_all(w);
     struct se_engine_opts eo = {.n_threads = w->cfg.threads,
                                 .max_seqs = w->cfg.max_batch,
                                 .kv_bytes = w->cfg.kv_bytes,
@@ -427,35 +427,69 @@ static void engine_failed(struct worker *w, int rc)
     wk_shards_flush(w);
 }
 
+/* Divides the last step's wall time among its sequences by the tokens computed for each. */
+static void charge_step(struct worker *w)
+{
+    const struct se_step_usage *u = se_engine_last_usage(w->eng);
+    long work = 0;
+    for (int i = 0; i < u->n_seqs; i++)
+        work += u->seqs[i].n_prefill + u->seqs[i].n_recompute + u->seqs[i].n_decode;
+    if (work == 0)
+        return;
+    double per_token = (double)u->wall_ns * 1e-9 / (double)work;
+    for (int i = 0; i < u->n_seqs; i++) {
+        const struct se_seq_usage *s = &u->seqs[i];
+        double share = per_token * (s->n_prefill + s->n_recompute + s->n_decode);
+        if (wk_tag_is_live(s->user)) {
+            wk_live_charge((struct wk_live *)(uintptr_t)(s->user & ~WK_TAG_LIVE), share);
+        } else {
+            struct wk_seq *q = (struct wk_seq *)(uintptr_t)s->user;
+            if (q->shard) /* not an orphan of a lost shard */
+                q->gpu_s += share;
+        }
+    }
+}
+
+/*
+ * True while the engine has sequences, or live requests ended early whose
+ * cancel events are still to come (they free them; see live.c). Orphans of
+ * lost shards are not counted: after a model swap their engine is gone, and
+ * they wait for wk_shards_stop.
+ */
+static bool has_work(struct worker *w)
+{
+    return w->eng && (se_engine_n_active(w->eng) > 0 || w->n_lives > 0);
+}
+
 static void on_step(uv_timer_t *t)
 {
     struct worker *w = t->data;
-    if (w->stopping || !w->eng) {
+    if (w->stopping || w->exiting || !w->eng) {
         w->stepping = false;
         return;
     }
     const struct se_event *ev;
-    double t0 = now_s();
     int n = se_engine_step(w->eng, &ev);
-    double dt = now_s() - t0;
     if (n < 0) {
         engine_failed(w, n);
         w->stepping = false;
         return;
     }
-    int n_tok = 0;
+    w->n_steps++;
+    charge_step(w);
+    /* Live events first: their frames go out before anything below waits on PostgreSQL. */
     for (int i = 0; i < n; i++)
-        n_tok += ev[i].token >= 0;
-    double share = n_tok ? dt / n_tok : 0;
+        if (wk_tag_is_live(ev[i].user))
+            wk_live_event(w, (struct wk_live *)(uintptr_t)(ev[i].user & ~WK_TAG_LIVE), &ev[i]);
     for (int i = 0; i < n; i++) {
+        if (wk_tag_is_live(ev[i].user))
+            continue;
         struct wk_seq *q = (struct wk_seq *)(uintptr_t)ev[i].user;
         if (!q->shard) { /* cancelled with a lost shard */
             if (ev[i].finish != SE_FINISH_NONE)
                 free_orphan(w, q);
             continue;
         }
-        if (ev[i].token >= 0)
-            q->gpu_s += share;
         if (ev[i].text_len && !seq_append(q, ev[i].text, ev[i].text_len))
             sp_error("out of memory keeping the output of request %" PRIu64, q->req_id);
         if (ev[i].finish != SE_FINISH_NONE)
@@ -464,7 +498,7 @@ static void on_step(uv_timer_t *t)
             q->shard->ckpt_due = true;
     }
     wk_shards_checkpoint(w, false);
-    if (se_engine_n_active(w->eng) > 0) {
+    if (has_work(w)) {
         uv_timer_start(&w->step_timer, on_step, (uint64_t)w->cfg.step_delay_ms, 0);
     } else {
         w->stepping = false;
@@ -472,9 +506,9 @@ static void on_step(uv_timer_t *t)
     }
 }
 
-static void kick(struct worker *w)
+void wk_shards_kick(struct worker *w)
 {
-    if (!w->stepping && w->eng && se_engine_n_active(w->eng) > 0) {
+    if (!w->stepping && !w->stopping && !w->exiting && has_work(w)) {
         w->stepping = true;
         uv_timer_start(&w->step_timer, on_step, 0, 0);
     }
@@ -758,7 +792,7 @@ void wk_shard_assign(struct worker *w, const struct sp_wire_assign *a)
             s->id, s->n_inflight, n_resumed, s->failed);
     if (s->n_inflight == 0)
         wk_shards_flush(w);
-    kick(w);
+    wk_shards_kick(w);
 }
 
 /* ---- Drain ---- */
@@ -846,11 +880,21 @@ void wk_shards_stop(struct worker *w)
 
 void wk_shards_load(struct worker *w, struct sp_wire_heartbeat *hb)
 {
-    int active = w->eng ? se_engine_n_active(w->eng) : 0;
-    hb->running = (uint32_t)active;
-    hb->queued = 0;
-    hb->free_slots = active < w->cfg.max_batch ? (uint32_t)(w->cfg.max_batch - active) : 0;
-    /* The engine does not report KV blocks yet. */
-    hb->kv_blocks_free = 0;
-    hb->kv_blocks_total = 0;
+    *hb = (struct sp_wire_heartbeat){.worker_id = hb->worker_id};
+    struct se_engine_stats st;
+    int running = 0, queued = 0;
+    if (w->eng && se_engine_stats(w->eng, &st) == 0) {
+        running = st.n_running;
+        queued = st.n_waiting;
+        /* Cached blocks hold a prefix-cache entry nobody uses: they are taken when needed. */
+        hb->kv_blocks_free = (uint32_t)(st.n_blocks_free + st.n_blocks_cached);
+        hb->kv_blocks_total = (uint32_t)st.n_blocks;
+    } else if (w->eng) {
+        sp_error("engine accounting: %s", se_engine_error(w->eng));
+        running = se_engine_n_active(w->eng);
+    }
+    hb->running = (uint32_t)running;
+    hb->queued = (uint32_t)queued;
+    int free_slots = w->cfg.max_batch - running - queued;
+    hb->free_slots = free_slots > 0 ? (uint32_t)free_slots : 0;
 }

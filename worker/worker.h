@@ -7,6 +7,7 @@
  *   model_cache.c fetching the pinned model version and opening its engine
  *   params.c      job + request parameters -> struct se_sampling
  *   shards.c      the shard runner: requests in, engine steps, results out
+ *   live.c        live requests: LIVE_REQUEST in, TOKENS and USAGE out, CANCEL
  *   preempt.c     notice sources (SIGTERM, file, AWS, GCP) and the drain
  *   http.c        a tiny HTTP/1.0 GET client over libuv TCP (metadata polls)
  *
@@ -64,9 +65,27 @@ struct wk_config {
     int n_notices;
     double drain_deadline; /* seconds */
     int step_delay_ms;     /* test aid (SPOOL_WORKER_STEP_DELAY_MS): pause between steps */
+    /*
+     * --model REF: the version loaded at start-up and announced in REGISTER
+     * for live requests. The worker then runs that version only: a shard of
+     * another one is released (model_unavailable). NULL: none at start-up.
+     */
+    const char *model_ref;
 };
 
 struct wk_shard;
+struct wk_live;
+
+/*
+ * The engine's `user` tag of a sequence is a pointer: to a struct wk_seq (a
+ * batch request) or, with the lowest bit set, to a struct wk_live (both are
+ * malloc'd, so that bit is otherwise 0).
+ */
+#define WK_TAG_LIVE ((uint64_t)1)
+static inline bool wk_tag_is_live(uint64_t user)
+{
+    return (user & WK_TAG_LIVE) != 0;
+}
 
 /* One request in the engine. */
 struct wk_seq {
@@ -102,6 +121,7 @@ struct worker {
 
     /* The loaded model version (one at a time). */
     char digest[72]; /* "sha256:HEX", "" when none */
+    char pinned[72]; /* the --model version: the only one this worker loads; "" without --model */
     char model_name[136];
     uint32_t model_version;
     int64_t model_id;
@@ -113,6 +133,10 @@ struct worker {
     struct wk_shard *shards;
     /* Sequences cancelled with their shard (lease lost): freed when their last event arrives. */
     struct wk_seq *orphans;
+    /* Live requests in the engine, and those ended but awaiting their engine event (live.c). */
+    struct wk_live *lives;
+    int n_lives;
+    uint64_t n_steps; /* engine steps since start-up (live.c counts steps to the first token) */
 
     /* Scheduler connection (conn.c). */
     uv_tcp_t *tcp;
@@ -177,6 +201,13 @@ void wk_model_unload(struct worker *w);
  */
 int wk_params_sampling(json_t *job, json_t *req, int n_vocab, struct se_sampling *sp, char *err,
                        size_t errcap);
+/*
+ * Fills *sp from a live request's sampling map with the same checks (and the
+ * same default max_tokens); errors name the field as "sampling.NAME". Stop
+ * strings point into ws (valid while the frame lives).
+ */
+int wk_params_wire(const struct sp_wire_sampling *ws, int n_vocab, struct se_sampling *sp,
+                   char *err, size_t errcap);
 
 /* ---- shards.c ---- */
 /* Handles ASSIGN: fetches the model, reads and starts the shard's requests. */
@@ -195,8 +226,43 @@ void wk_shards_release_all(struct worker *w, const char *reason, int *n_seqs, lo
                            int *n_shards);
 void wk_shards_start(struct worker *w);
 void wk_shards_stop(struct worker *w);
-/* Engine occupancy for HEARTBEAT. */
+/* Engine occupancy for HEARTBEAT: batch and live sequences alike. */
 void wk_shards_load(struct worker *w, struct sp_wire_heartbeat *hb);
+/* Starts stepping the engine if it has work (sequences, or events still to deliver). */
+void wk_shards_kick(struct worker *w);
+
+/* ---- live.c ---- */
+/*
+ * --model: resolves cfg.model_ref with spool.resolve_model and loads that
+ * version (fetched, verified and opened as for a shard). Returns 0 or an
+ * error with err saying what.
+ */
+int wk_live_load(struct worker *w, char *err, size_t errcap);
+/*
+ * LIVE_REQUEST: checks the model, prompt or chat and sampling, and submits
+ * the request to the engine in the live class; a refusal is answered at once
+ * with ERROR {request_id, code, message}.
+ */
+void wk_live_request(struct worker *w, const struct sp_wire_live_request *r);
+/* CANCEL: ends the request now (final TOKENS "cancelled", USAGE); unknown ids are ignored. */
+void wk_live_cancel(struct worker *w, uint64_t request_id);
+/*
+ * One engine event of a live sequence (tag decoded by the caller): sends
+ * TOKENS, and on its end the final TOKENS and USAGE, then frees it.
+ */
+void wk_live_event(struct worker *w, struct wk_live *q, const struct se_event *ev);
+/* Adds seconds of step time to a live request's GPU time. */
+void wk_live_charge(struct wk_live *q, double seconds);
+/*
+ * Ends every live request. With a connection to tell (finish "error", or
+ * "cancelled"), each gets its final TOKENS and USAGE; finish NULL sends
+ * nothing (the scheduler is gone). Sequences are cancelled in the engine;
+ * their events (which free them) come with the next step: the caller kicks
+ * the engine unless it is stopping.
+ */
+void wk_live_end_all(struct worker *w, const char *finish, const char *why);
+/* The engine was closed: frees every live request without touching it. */
+void wk_live_forget_all(struct worker *w);
 
 /* ---- preempt.c ---- */
 void wk_preempt_start(struct worker *w);
