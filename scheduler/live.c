@@ -90,6 +90,7 @@ struct live_req {
     uint32_t tokens_in, tokens_out;
     bool has_usage;
     double t_first; /* monotonic seconds of the first token, 0 before */
+    double t_sent;  /* when LIVE_REQUEST was sent */
     int status;
     char *text; /* gathered text (non-streaming) */
     size_t text_len, text_cap;
@@ -159,8 +160,11 @@ static void live_finish(struct live_req *r, int status)
      *                      r->model.model_id, r->endpoint, status, r->tokens_in,
      *                      r->tokens_out, ttft_s, latency_s, worker id, r->finish});
      */
-    sp_debug("live %" PRIu64 " %s %s: %d, %u in, %u out, %.1f ms", r->id, r->endpoint, r->label,
-             status, r->tokens_in, r->tokens_out, (end - started) * 1e3);
+    sp_debug("live %" PRIu64 " %s %s: %d, %u in, %u out, %.3f ms in all; sent after %.3f ms, "
+             "first token %.3f ms after sending",
+             r->id, r->endpoint, r->label, status, r->tokens_in, r->tokens_out,
+             (end - started) * 1e3, r->t_sent > 0 ? (r->t_sent - started) * 1e3 : -1.0,
+             r->t_first > 0 && r->t_sent > 0 ? (r->t_first - r->t_sent) * 1e3 : -1.0);
     r->c = NULL;
     if (r->w) {
         if (r->w->live_inflight)
@@ -655,6 +659,7 @@ static void dispatch(struct live_req *r)
     sched_worker_ref(w);
     w->live_inflight++;
     r->sent = true;
+    r->t_sent = now_s();
     uv_timer_start(&r->timer, on_timer, sh_server_config(s)->request_timeout_ms, 0);
     if (r->stream)
         begin_stream(r);
