@@ -44,6 +44,7 @@ model=$models/llama-f32
     --http-port-file "$h/http.port" --heartbeat-ms 200 --sweep-ms 200 --log-level info \
     >"$h/scheduler.log" 2>&1 &
 pids+=($!)
+spid=$!
 for _ in $(seq 1 300); do [ -s "$h/sched.port" ] && [ -s "$h/http.port" ] && break; sleep 0.1; done
 [ -s "$h/sched.port" ] || fail "the scheduler did not become active"
 url=http://127.0.0.1:$(cat "$h/http.port")
@@ -107,4 +108,12 @@ post /v1/completions "{\"model\": \"tiny\", \"prompt\": \"$prompt\", \"max_token
     \"ignore_eos\": true, \"stream\": true}" -N --max-time 1 >/dev/null || true
 for _ in $(seq 1 100); do grep -q 'live request [0-9]* cancelled' "$h/worker.log" && break; sleep 0.1; done
 grep -q 'live request [0-9]* cancelled' "$h/worker.log" || fail "no cancellation on the worker"
+# 5. An orderly stop: exit status 0 (under ASan, no leaks), no sanitizer report anywhere.
+kill -TERM "$spid"
+st=0
+wait "$spid" || st=$?
+[ "$st" = 0 ] || fail "the scheduler exited with $st after SIGTERM"
+if grep -l -E 'AddressSanitizer|LeakSanitizer|runtime error:' "$h"/*.log; then
+    fail "a sanitizer report in a daemon's log"
+fi
 echo "live e2e: ok"
