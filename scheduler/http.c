@@ -77,9 +77,10 @@ static const struct {
 
 /* ---- State --------------------------------------------------------------- */
 
-struct sh_conn { /* one accepted client socket, for shutdown */
+struct sh_conn { /* one accepted client socket, for shutdown and disconnect checks */
     struct sh_conn *prev, *next;
     struct sh_server *srv;
+    struct sockaddr_storage peer;
     uv_tcp_t tcp;
 };
 
@@ -97,6 +98,8 @@ struct sh_server {
     struct sockaddr_storage addr;
     int bound_port;
     struct sh_conn *conns;
+    uv_timer_t watch; /* looks for clients that left while their answer is pending */
+    bool watching;
     sh_call_t *calls;   /* unanswered calls */
     sh_call_t *zombies; /* ended by sh_server_stop, awaiting the handler's answer */
     bool stopping;
@@ -136,13 +139,14 @@ struct sh_call {
     double started;
     void (*gone_cb)(sh_call_t *c, void *arg);
     void *gone_arg;
-    bool streaming;    /* sh_stream_start was called */
-    bool answered;     /* the answer (or the stream's end) has begun */
-    bool inflight;     /* a stream write is with h2o; the next waits for proceed */
-    bool by_server;    /* ended by sh_server_stop, not by its handler */
-    bool handler_done; /* the handler has answered too (after by_server) */
-    bool zombie;       /* h2o is done with it; waits for the handler's answer */
-    char *pend;        /* stream bytes not yet handed to h2o */
+    bool streaming;       /* sh_stream_start was called */
+    bool answered;        /* the answer (or the stream's end) has begun */
+    bool inflight;        /* a stream write is with h2o; the next waits for proceed */
+    bool by_server;       /* ended by sh_server_stop, not by its handler */
+    bool handler_done;    /* the handler has answered too (after by_server) */
+    bool zombie;          /* h2o is done with it; waits for the handler's answer */
+    struct sh_conn *conn; /* its client socket, found by sh_on_gone (may be NULL) */
+    char *pend;           /* stream bytes not yet handed to h2o */
     size_t pend_len, pend_cap;
 };
 
@@ -556,10 +560,76 @@ bool sh_alive(const sh_call_t *c)
     return c->req != NULL && !c->answered;
 }
 
+static bool same_peer(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return false;
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+    return x->sin6_port == y->sin6_port && memcmp(&x->sin6_addr, &y->sin6_addr, 16) == 0;
+}
+
+/*
+ * h2o (HTTP/1) reads nothing from a connection while its request is being
+ * handled, so a client that leaves before the answer starts is noticed
+ * only when the answer is written. For calls that asked to be told, a
+ * timer peeks at their sockets every WATCH_MS: end of stream means the
+ * client has gone. The socket is found by the client's address.
+ */
+#define WATCH_MS 100
+
+static void on_watch(uv_timer_t *t)
+{
+    struct sh_server *srv = t->data;
+    bool any = false;
+    for (sh_call_t *c = srv->calls, *next; c; c = next) {
+        next = c->next;
+        if (!c->req || c->answered || !c->gone_cb || !c->conn)
+            continue;
+        any = true;
+        uv_os_fd_t fd;
+        char b;
+        if (uv_fileno((uv_handle_t *)&c->conn->tcp, &fd) != 0)
+            continue;
+        ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+            /* The request lives on in h2o until the answer is written; the call is told now. */
+            void (*cb)(sh_call_t *, void *) = c->gone_cb;
+            c->gone_cb = NULL;
+            cb(c, c->gone_arg); /* may answer, and so free, c (next was read before) */
+        }
+    }
+    if (!any) {
+        uv_timer_stop(t);
+        srv->watching = false;
+    }
+}
+
 void sh_on_gone(sh_call_t *c, void (*cb)(sh_call_t *c, void *arg), void *arg)
 {
     c->gone_cb = cb;
     c->gone_arg = arg;
+    struct sh_server *srv = c->srv;
+    if (!cb || !c->req || c->conn || srv->stopping)
+        return;
+    struct sockaddr_storage peer;
+    memset(&peer, 0, sizeof peer);
+    if (!c->req->conn->callbacks->get_peername ||
+        c->req->conn->callbacks->get_peername(c->req->conn, (struct sockaddr *)&peer) == 0)
+        return;
+    for (struct sh_conn *k = srv->conns; k; k = k->next) {
+        if (same_peer(&k->peer, &peer)) {
+            c->conn = k;
+            break;
+        }
+    }
+    if (c->conn && !srv->watching) {
+        srv->watching = true;
+        uv_timer_start(&srv->watch, on_watch, WATCH_MS, WATCH_MS);
+    }
 }
 
 /* Hands the pending bytes (and the end, once answered) to h2o when it can take them. */
@@ -902,6 +972,12 @@ static void conn_closed(uv_handle_t *h)
 {
     struct sh_conn *k = (struct sh_conn *)((char *)h - offsetof(struct sh_conn, tcp));
     struct sh_server *srv = k->srv;
+    for (sh_call_t *c = srv->calls; c; c = c->next)
+        if (c->conn == k)
+            c->conn = NULL;
+    for (sh_call_t *c = srv->zombies; c; c = c->next)
+        if (c->conn == k)
+            c->conn = NULL;
     if (k->prev)
         k->prev->next = k->next;
     else if (srv->conns == k)
@@ -933,6 +1009,8 @@ static void on_accept(uv_stream_t *listener, int status)
         return;
     }
     uv_tcp_nodelay(&k->tcp, 1);
+    int plen = sizeof k->peer;
+    uv_tcp_getpeername(&k->tcp, (struct sockaddr *)&k->peer, &plen);
     k->next = srv->conns;
     if (srv->conns)
         srv->conns->prev = k;
@@ -1031,6 +1109,8 @@ int sh_server_start(struct sched *s, const struct sh_config *cfg)
     s->http = srv;
     uv_timer_init(s->loop, &srv->retry);
     srv->retry.data = srv;
+    uv_timer_init(s->loop, &srv->watch);
+    srv->watch.data = srv;
     if (rc != 0) {
         sp_error("http: bad address %s:%d", hostname, cfg->port);
         return SP_EIO;
@@ -1078,6 +1158,7 @@ void sh_server_stop(struct sched *s)
         return;
     srv->stopping = true;
     uv_timer_stop(&srv->retry);
+    uv_close((uv_handle_t *)&srv->watch, NULL);
     if (srv->listener) {
         uv_close((uv_handle_t *)srv->listener, free_handle);
         srv->listener = NULL;

@@ -1029,6 +1029,7 @@ static void live_concurrency_and_endings(void **state)
                        "\"hi\"}]}";
     w->hang = true;
     int before = w->n_live;
+    long long t0;
     /* A request that outlives --request-timeout-ms: 504, and CANCEL. */
     r = http("POST", "/v1/chat/completions", key, body);
     assert_error(&r, 504, "server_error");
@@ -1037,10 +1038,20 @@ static void live_concurrency_and_endings(void **state)
     wait_cancels(w, 2);
     assert_int_equal(w->n_live, before + 1);
 
+    /* A client that leaves before a non-streamed answer: CANCEL long before the timeout. */
+    static const char *const quick[] = {"--max-time", "0.5", NULL};
+    t0 = now_ms();
+    r = http_ex("POST", "/v1/chat/completions", key, body, strlen(body), quick);
+    assert_int_equal(r.status, 0);
+    resp_free(&r);
+    wait_cancels(w, 3);
+    assert_true(now_ms() - t0 < 2500); /* the timeout is 3000 ms */
+    before = w->n_live - 1;
+
     /* The worker's connection lost mid-request: 502, and readyz says no worker. */
     int n = next_req();
     pid_t pid = curl_spawn(n, "POST", "/v1/chat/completions", key, body, strlen(body), NULL);
-    long long t0 = now_ms();
+    t0 = now_ms();
     while (w->n_live < before + 2) {
         assert_true(now_ms() - t0 < WAIT_MS);
         sleep_ms(20);
