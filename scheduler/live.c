@@ -92,7 +92,10 @@ struct live_req {
     double t_first; /* monotonic seconds of the first token, 0 before */
     double t_sent;  /* when LIVE_REQUEST was sent */
     int status;
-    char *text; /* gathered text (non-streaming) */
+    bool want_logprobs; /* the client asked for them (chat: logprobs, completions: logprobs N) */
+    json_t *lp;         /* non-streaming: the logprobs gathered so far, in OpenAI's shape */
+    size_t out_bytes;   /* text bytes generated so far (completions' text_offset) */
+    char *text;         /* gathered text (non-streaming) */
     size_t text_len, text_cap;
     char *pre, *post; /* an SSE event's fixed parts, around the escaped text */
     char *ev;         /* the event being formatted */
@@ -121,6 +124,7 @@ static void free_req(uv_handle_t *h)
 {
     struct live_req *r = h->data;
     json_decref(r->body);
+    json_decref(r->lp);
     free(r->text);
     free(r->pre);
     free(r->post);
@@ -293,7 +297,8 @@ static size_t ev_head(struct live_req *r)
 }
 
 /* Sends one chunk carrying text (chat: delta.content; completions: text). */
-static void stream_text(struct live_req *r, const char *text, size_t n, const char *finish)
+static void stream_text(struct live_req *r, const char *text, size_t n, const char *finish,
+                        json_t *lp)
 {
     size_t len = ev_head(r);
     if (r->chat) {
@@ -318,6 +323,13 @@ static void stream_text(struct live_req *r, const char *text, size_t n, const ch
         len = ev_append(r, len, a, sizeof a - 1);
         len = ev_escape(r, len, finish, strlen(finish));
         len = ev_append(r, len, "\"}]", 3);
+    } else if (lp) {
+        char *j = json_dumps(lp, JSON_COMPACT);
+        len = ev_append(r, len, "\"logprobs\":", 11);
+        len = ev_append(r, len, j ? j : "null", j ? strlen(j) : 4);
+        free(j);
+        const char a[] = ",\"finish_reason\":null}]";
+        len = ev_append(r, len, a, sizeof a - 1);
     } else {
         const char a[] = "\"logprobs\":null,\"finish_reason\":null}]";
         len = ev_append(r, len, a, sizeof a - 1);
@@ -366,6 +378,19 @@ static void begin_stream(struct live_req *r)
 
 /* ---- Answering ----------------------------------------------------------- */
 
+/* The gathered logprobs (a new reference), an empty set, or null when not asked for. */
+static json_t *lp_or_null(struct live_req *r)
+{
+    if (r->lp)
+        return json_incref(r->lp);
+    if (!r->want_logprobs)
+        return json_null();
+    if (r->chat)
+        return json_pack("{s:[], s:n}", "content", "refusal");
+    return json_pack("{s:[], s:[], s:n, s:[]}", "tokens", "token_logprobs", "top_logprobs",
+                     "text_offset");
+}
+
 static void answer_whole(struct live_req *r)
 {
     json_t *usage = json_pack("{s:i, s:i, s:i}", "prompt_tokens", (json_int_t)r->tokens_in,
@@ -376,12 +401,12 @@ static void answer_whole(struct live_req *r)
         text = json_stringn_nocheck(r->text ? r->text : "", r->text_len);
     json_t *choice;
     if (r->chat)
-        choice = json_pack("{s:i, s:{s:s, s:o, s:n}, s:n, s:s}", "index", 0, "message", "role",
-                           "assistant", "content", text, "refusal", "logprobs", "finish_reason",
-                           r->finish);
-    else
-        choice = json_pack("{s:o, s:i, s:n, s:s}", "text", text, "index", 0, "logprobs",
+        choice = json_pack("{s:i, s:{s:s, s:o, s:n}, s:o, s:s}", "index", 0, "message", "role",
+                           "assistant", "content", text, "refusal", "logprobs", lp_or_null(r),
                            "finish_reason", r->finish);
+    else
+        choice = json_pack("{s:o, s:i, s:o, s:s}", "text", text, "index", 0, "logprobs",
+                           lp_or_null(r), "finish_reason", r->finish);
     json_t *body =
         json_pack("{s:s, s:s, s:I, s:s, s:[o], s:o}", "id", r->cid, "object",
                   r->chat ? "chat.completion" : "text_completion", "created",
@@ -444,6 +469,69 @@ static struct live_req *find(struct sched *s, uint64_t id)
     return NULL;
 }
 
+/*
+ * One TOKENS frame's logprobs in OpenAI's shape (chat: {"content": [...]},
+ * completions: tokens, token_logprobs, top_logprobs, text_offset), or NULL.
+ * The worker reports the chosen token's log-probability only, and text per
+ * frame: a token's text is the frame's text when the frame has one token;
+ * otherwise the first token carries it all. Alternatives are not reported
+ * (top_logprobs is empty, or null for completions).
+ */
+static json_t *frame_logprobs(struct live_req *r, const struct sp_wire_tokens *t)
+{
+    if (!r->want_logprobs || !t->logprobs || t->n_logprobs != t->n_token_ids || !t->n_token_ids)
+        return NULL;
+    json_t *content = json_array(), *toks = json_array(), *vals = json_array(),
+           *offs = json_array();
+    for (uint32_t i = 0; i < t->n_token_ids; i++) {
+        const char *piece = i == 0 ? t->text : "";
+        size_t plen = i == 0 ? t->text_len : 0;
+        json_t *tok = json_stringn(piece, plen);
+        if (!tok)
+            tok = json_stringn_nocheck(piece, plen);
+        json_t *bytes = json_array();
+        for (size_t k = 0; k < plen; k++)
+            json_array_append_new(bytes, json_integer((unsigned char)piece[k]));
+        if (r->chat) {
+            json_array_append_new(content, json_pack("{s:o, s:f, s:o, s:[]}", "token", tok,
+                                                     "logprob", (double)t->logprobs[i], "bytes",
+                                                     bytes, "top_logprobs"));
+        } else {
+            json_decref(bytes);
+            json_array_append_new(toks, tok);
+            json_array_append_new(vals, json_real((double)t->logprobs[i]));
+            json_array_append_new(offs, json_integer((json_int_t)(r->out_bytes + (i ? plen : 0))));
+        }
+    }
+    if (r->chat) {
+        json_decref(toks);
+        json_decref(vals);
+        json_decref(offs);
+        return json_pack("{s:o, s:n}", "content", content, "refusal");
+    }
+    json_decref(content);
+    return json_pack("{s:o, s:o, s:n, s:o}", "tokens", toks, "token_logprobs", vals, "top_logprobs",
+                     "text_offset", offs);
+}
+
+/* Appends a frame's logprobs to the gathered ones (non-streaming). */
+static void gather_logprobs(struct live_req *r, json_t *lp)
+{
+    if (!r->lp) {
+        r->lp = lp;
+        return;
+    }
+    const char *key;
+    json_t *v;
+    json_object_foreach(lp, key, v)
+    {
+        json_t *have = json_object_get(r->lp, key);
+        if (json_is_array(have))
+            json_array_extend(have, v);
+    }
+    json_decref(lp);
+}
+
 static void on_tokens(struct live_req *r, const struct sp_wire_tokens *t)
 {
     if (r->got_last)
@@ -461,12 +549,18 @@ static void on_tokens(struct live_req *r, const struct sp_wire_tokens *t)
              "the worker failed while generating; retry");
         return;
     }
+    json_t *lp = frame_logprobs(r, t);
+    r->out_bytes += t->text_len;
     if (r->stream) {
-        if (t->text_len)
-            stream_text(r, t->text, t->text_len, NULL);
+        if (t->text_len || lp)
+            stream_text(r, t->text, t->text_len, NULL, lp);
+        json_decref(lp);
         if (last)
-            stream_text(r, "", 0, r->finish);
-    } else if (t->text_len) {
+            stream_text(r, "", 0, r->finish, NULL);
+    } else if (lp) {
+        gather_logprobs(r, lp);
+    }
+    if (!r->stream && t->text_len) {
         if (r->text_len + t->text_len + 1 > r->text_cap) {
             size_t cap = r->text_cap ? r->text_cap : 256;
             while (cap < r->text_len + t->text_len + 1)
@@ -854,21 +948,18 @@ static bool validate(struct live_req *r, json_t *body, struct verr *e)
                                          "service_tier",
                                          "ignore_eos",
                                          NULL};
-    static const char *const chat_only[] = {"messages", "max_completion_tokens",
-                                            "parallel_tool_calls", "response_format", NULL};
-    static const char *const cmpl_only[] = {"prompt", "echo", "best_of", "suffix", NULL};
-    static const char *const unsupported[] = {"tools",
-                                              "tool_choice",
-                                              "functions",
-                                              "function_call",
-                                              "logprobs",
-                                              "top_logprobs",
-                                              "audio",
-                                              "prediction",
-                                              "modalities",
-                                              "web_search_options",
-                                              "reasoning_effort",
-                                              NULL};
+    static const char *const chat_only[] = {"messages",
+                                            "max_completion_tokens",
+                                            "parallel_tool_calls",
+                                            "response_format",
+                                            "logprobs",
+                                            "top_logprobs",
+                                            NULL};
+    static const char *const cmpl_only[] = {"prompt", "echo",     "best_of",
+                                            "suffix", "logprobs", NULL};
+    static const char *const unsupported[] = {
+        "tools",      "tool_choice", "functions",          "function_call",    "audio",
+        "prediction", "modalities",  "web_search_options", "reasoning_effort", NULL};
     const char *key;
     json_t *v;
     json_object_foreach(body, key, v)
@@ -949,8 +1040,37 @@ static bool validate(struct live_req *r, json_t *body, struct verr *e)
             return bad(e, "response_format", "unsupported_parameter",
                        "only 'response_format' {\"type\": \"text\"} is supported");
     }
-    /* sampling */
+    /* logprobs: the chosen token's only (the worker reports no alternatives) */
     struct sp_wire_sampling *sp = &r->sampling;
+    v = json_object_get(body, "logprobs");
+    if (r->chat) {
+        if (v && !json_is_null(v) && !json_is_boolean(v))
+            return bad(e, "logprobs", "invalid_type", "'logprobs' must be a boolean");
+        r->want_logprobs = json_is_true(v);
+        has = false;
+        if (!get_uint(body, "top_logprobs", 0, 20, &has, &n, e))
+            return false;
+        if (has && !r->want_logprobs)
+            return bad(e, "top_logprobs", "invalid_value", "'top_logprobs' needs 'logprobs': true");
+        if (has && n > 0)
+            return bad(e, "top_logprobs", "unsupported_parameter",
+                       "alternatives are not reported: 'top_logprobs' must be 0 (each token's "
+                       "own log-probability comes with 'logprobs': true)");
+    } else if (v && !json_is_null(v)) {
+        has = false;
+        if (!get_uint(body, "logprobs", 0, 5, &has, &n, e))
+            return false;
+        if (n > 0)
+            return bad(e, "logprobs", "unsupported_parameter",
+                       "alternatives are not reported: 'logprobs' must be 0 (each token's own "
+                       "log-probability is then given)");
+        r->want_logprobs = true;
+    }
+    if (r->want_logprobs) {
+        sp->has_logprobs = true;
+        sp->logprobs = 0;
+    }
+    /* sampling */
     if (!get_number(body, "temperature", 0, 2, &sp->has_temperature, &sp->temperature, e) ||
         !get_number(body, "top_p", 0, 1, &sp->has_top_p, &sp->top_p, e) ||
         !get_number(body, "min_p", 0, 1, &sp->has_min_p, &sp->min_p, e) ||

@@ -89,6 +89,14 @@ text=$(grep '^data: {' "$h/stream.txt" | sed 's/^data: //' | jq -j '.choices[0].
 usage=$(grep '^data: {' "$h/stream.txt" | sed 's/^data: //' | jq -s 'map(select(.usage != null)) | .[0].usage.completion_tokens')
 [ "$usage" = "$(jq -r .completion_tokens <<<"$ref")" ] || fail "streamed usage $usage vs $ref"
 
+# Log-probabilities: one per generated token, none positive.
+got=$(post /v1/chat/completions "{\"model\": \"tiny\", \"messages\": $chat, \"max_tokens\": 8,
+    \"temperature\": 0, \"logprobs\": true}")
+[ "$(jq '.choices[0].logprobs.content | length' <<<"$got")" = "$(jq -r .usage.completion_tokens <<<"$got")" ] ||
+    fail "logprobs: $got"
+[ "$(jq '[.choices[0].logprobs.content[].logprob | select(. > 0)] | length' <<<"$got")" = 0 ] ||
+    fail "positive logprob: $got"
+
 # 3. The openai npm client, greedy chat, equals spool generate --chat.
 got=$(cd "$nodedir" && node --input-type=module -e "
 import OpenAI from 'openai';

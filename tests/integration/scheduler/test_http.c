@@ -432,6 +432,7 @@ static void *worker_main(void *arg)
                 w->n_live_chat++;
             sp_wire_frame_free(&w->last_frame);
             sp_wire_frame_move(&w->last_frame, &f);
+            bool want_lp = w->last_frame.live.sampling.has_logprobs;
             pthread_mutex_unlock(&w->mu);
             if (w->hang)
                 continue;
@@ -461,6 +462,11 @@ static void *worker_main(void *arg)
                 t.tokens.text = w->pieces[i];
                 t.tokens.text_len = strlen(w->pieces[i]);
                 t.tokens.finish_reason = i == w->n_pieces - 1 ? "stop" : NULL;
+                float lp = -0.5f - (float)i;
+                if (want_lp) {
+                    t.tokens.logprobs = &lp;
+                    t.tokens.n_logprobs = 1;
+                }
                 send_frame(w, &t);
                 out++;
             }
@@ -874,6 +880,33 @@ static void live_answers(void **state)
     free(norm);
     resp_free(&r);
 
+    /* Log-probabilities of the chosen tokens. */
+    r = http("POST", "/v1/chat/completions", key,
+             "{\"model\": \"demo\", \"messages\": [{\"role\": \"user\", \"content\": "
+             "\"hi\"}], \"logprobs\": true, \"top_logprobs\": 0}");
+    if (r.status != 200)
+        fail_msg("chat with logprobs: %d %s", r.status, r.body);
+    assert_string_equal(get_str(r.json, "choices.0.logprobs.content.1.token"), "lo");
+    assert_true(json_real_value(json_object_get(
+                    json_array_get(
+                        json_object_get(
+                            json_object_get(json_array_get(json_object_get(r.json, "choices"), 0),
+                                            "logprobs"),
+                            "content"),
+                        1),
+                    "logprob")) == -1.5);
+    assert_true(pthread_mutex_lock(&w->mu) == 0);
+    assert_true(w->last_frame.live.sampling.has_logprobs);
+    pthread_mutex_unlock(&w->mu);
+    resp_free(&r);
+    const char *lbody = "{\"model\": \"demo\", \"prompt\": \"Once\", \"logprobs\": 0, "
+                        "\"stream\": true}";
+    r = http_ex("POST", "/v1/completions", key, lbody, strlen(lbody), nobuf);
+    assert_int_equal(r.status, 200);
+    assert_non_null(strstr(r.body, "\"logprobs\":{\"tokens\":[\"lo\"],\"token_logprobs\":[-1.5],"
+                                   "\"top_logprobs\":null,\"text_offset\":[3]}"));
+    resp_free(&r);
+
     /* Validation: each error names its field. */
     static const struct {
         const char *path, *body, *param;
@@ -912,6 +945,12 @@ static void live_answers(void **state)
         {"/v1/completions", "{\"model\": \"demo\", \"prompt\": [\"a\", \"b\"]}", "prompt", 400},
         {"/v1/completions", "{\"model\": \"demo\", \"prompt\": 3}", "prompt", 400},
         {"/v1/completions", "{\"model\": \"demo\", \"prompt\": \"x\", \"stop\": 3}", "stop", 400},
+        {"/v1/completions", "{\"model\": \"demo\", \"prompt\": \"x\", \"logprobs\": 2}", "logprobs",
+         400},
+        {"/v1/chat/completions",
+         "{\"model\": \"demo\", \"messages\": [{\"role\": \"user\", \"content\": \"x\"}], "
+         "\"logprobs\": true, \"top_logprobs\": 3}",
+         "top_logprobs", 400},
         {"/v1/completions", "{\"model\": \"nosuch\", \"prompt\": \"x\"}", "model", 404},
         {"/v1/completions", "{\"model\": \"demo@9\", \"prompt\": \"x\"}", "model", 404},
     };
