@@ -305,6 +305,34 @@ static void start_scheduler(const char *max_body, const char *timeout_ms)
     }
 }
 
+/* A second scheduler on the same database: it stands by, and serves HTTP all the same. */
+static pid_t start_standby(int *port)
+{
+    char hpf[400], logf[400];
+    snprintf(hpf, sizeof hpf, "%s/standby-http-port", tmpdir);
+    snprintf(logf, sizeof logf, "%s/standby.log", tmpdir);
+    unlink(hpf);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        int fd = open(logf, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        for (int i = 3; i < 1024; i++)
+            close(i);
+        execl(sched_bin, sched_bin, "--dsn", pg.dsn, "--listen", "127.0.0.1:0", "--http-listen",
+              "127.0.0.1:0", "--http-port-file", hpf, "--lock-retry-ms", "100", (char *)NULL);
+        _exit(127);
+    }
+    long long t0 = now_ms();
+    while ((*port = read_port(hpf)) == 0) {
+        assert_true(now_ms() - t0 < WAIT_MS);
+        sleep_ms(20);
+    }
+    return pid;
+}
+
 static void stop_scheduler(void)
 {
     if (sched_pid <= 0)
@@ -664,6 +692,30 @@ static void server_basics(void **state)
     r = http("POST", "/v1/chat/completions", key, "[1, 2]");
     assert_error(&r, 400, "invalid_request_error");
     resp_free(&r);
+
+    /* A standby serves HTTP too: healthz, readyz (503, standby), keys, and 503 for live work. */
+    int active_port = http_port;
+    pid_t standby = start_standby(&http_port);
+    r = http("GET", "/healthz", NULL, NULL);
+    assert_int_equal(r.status, 200);
+    assert_string_equal(json_string_value(json_object_get(r.json, "role")), "standby");
+    resp_free(&r);
+    r = http("GET", "/readyz", NULL, NULL);
+    assert_int_equal(r.status, 503);
+    assert_non_null(strstr(json_string_value(json_object_get(r.json, "reason")), "standby"));
+    resp_free(&r);
+    r = http("GET", "/v1/models", NULL, NULL);
+    assert_error(&r, 401, "authentication_error");
+    resp_free(&r);
+    r = http("POST", "/v1/completions", key, "{\"model\": \"demo\", \"prompt\": \"x\"}");
+    assert_error(&r, 503, "service_unavailable");
+    assert_non_null(strstr(err_field(&r, "message"), "standby"));
+    resp_free(&r);
+    kill(standby, SIGTERM);
+    int st;
+    assert_int_equal(waitpid(standby, &st, 0), standby);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    http_port = active_port;
 
     /* Revoked: refused at once (NOTIFY), not after the cache's lifetime. */
     free(sql_scalar("SELECT spool.revoke_api_key(%lld)", id));
