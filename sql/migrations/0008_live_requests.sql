@@ -21,7 +21,7 @@ CREATE TABLE spool.live_requests (
     tenant         text,                   -- NULL when no key was accepted
     model_id       bigint,                 -- the exact version that served it; NULL when none
     endpoint       text NOT NULL,          -- '/v1/chat/completions'
-    status         smallint NOT NULL CHECK (status BETWEEN 100 AND 599),
+    status         smallint NOT NULL CHECK (status = 0 OR status BETWEEN 100 AND 599), -- 0: none sent
     tokens_in      int NOT NULL DEFAULT 0 CHECK (tokens_in >= 0),
     tokens_out     int NOT NULL DEFAULT 0 CHECK (tokens_out >= 0),
     ttft_ms        double precision,       -- time to first token; NULL when no token was sent
