@@ -47,6 +47,8 @@ int cmd_db(int argc, char **argv);
 int cmd_models(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
+int cmd_keys(int argc, char **argv);    /* cmd_keys.c */
+int cmd_tenants(int argc, char **argv); /* cmd_keys.c */
 
 /* The model registry (cmd_registry.c), under `spool models`. */
 int models_push(int argc, char **argv);

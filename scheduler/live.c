@@ -28,6 +28,7 @@
 
 #include <jansson.h>
 
+#include "auth.h"
 #include "scheduler.h"
 #include "spool/error.h"
 #include "spool/log.h"
@@ -77,6 +78,9 @@ struct live_req {
     double started; /* sh_started of the call */
     int64_t key_id;
     char tenant[72];
+    struct sched_principal who; /* the caller, for settling its token bucket */
+    uint32_t rate_tokens;       /* tokens taken from who's bucket at admission */
+    bool rate_charged;
     bool resolving; /* a query holds the request */
     struct resolved model;
     char label[160]; /* "demo@3" */
@@ -160,10 +164,23 @@ static void live_finish(struct live_req *r, int status)
      *   latency_s = end - started
      * sched_metrics_live_done(s, r->label, status, ttft_s, tpot_s, latency_s,
      *                         r->tokens_in, r->tokens_out);
-     * sched_livelog_record(s, &(struct sched_live_record){r->key_id, r->tenant,
-     *                      r->model.model_id, r->endpoint, status, r->tokens_in,
-     *                      r->tokens_out, ttft_s, latency_s, worker id, r->finish});
      */
+    if (r->rate_charged) /* the real count replaces the estimate taken at admission */
+        sched_rate_settle(s, &r->who,
+                          (int64_t)r->tokens_in + r->tokens_out - (int64_t)r->rate_tokens);
+    sched_livelog_record(s, &(struct sched_live_record){
+                                .key_id = r->key_id,
+                                .tenant = r->tenant[0] ? r->tenant : NULL,
+                                .model_id = r->model.model_id,
+                                .endpoint = r->endpoint,
+                                .status = status,
+                                .tokens_in = r->tokens_in,
+                                .tokens_out = r->tokens_out,
+                                .ttft_s = r->t_first > 0 ? r->t_first - started : 0,
+                                .latency_s = end - started,
+                                .worker_id = r->w ? r->w->id : 0,
+                                .finish_reason = r->finish[0] ? r->finish : NULL,
+                            });
     sp_debug("live %" PRIu64 " %s %s: %d, %u in, %u out, %.3f ms in all; sent after %.3f ms, "
              "first token %.3f ms after sending",
              r->id, r->endpoint, r->label, status, r->tokens_in, r->tokens_out,
@@ -695,10 +712,6 @@ static void dispatch(struct live_req *r)
         fail(r, 503, "service_unavailable", "model", "no_worker", msg);
         return;
     }
-    /*
-     * Rate limits (integration point): sched_rate_admit(s, sh_principal(r->c),
-     * expected tokens, ...) before sending; 429 with Retry-After when refused.
-     */
     struct sp_wire_frame f = {.type = SP_WIRE_LIVE_REQUEST};
     struct sp_wire_live_request *lr = &f.live;
     lr->request_id = r->id;
@@ -1197,6 +1210,65 @@ static bool validate(struct live_req *r, json_t *body, struct verr *e)
     return true;
 }
 
+/* ---- Rate limits --------------------------------------------------------- */
+
+/*
+ * The tokens a request is expected to use, for the key's token bucket: the
+ * prompt (token ids counted; text estimated at 4 bytes a token, 4 more per
+ * chat message) plus max_tokens (256 when not given). live_finish settles
+ * the difference with the real count.
+ */
+static uint32_t expected_tokens(const struct live_req *r)
+{
+    uint64_t n = 0;
+    if (r->chat) {
+        size_t i;
+        json_t *m;
+        json_array_foreach(json_object_get(r->body, "messages"), i, m)
+        {
+            n += 4 + (json_string_length(json_object_get(m, "_text")) + 3) / 4;
+        }
+    } else {
+        json_t *p = json_object_get(r->body, "_prompt");
+        n = json_is_string(p) ? (json_string_length(p) + 3) / 4 : json_array_size(p);
+    }
+    n += r->sampling.has_max_tokens ? r->sampling.max_tokens : 256;
+    return n > UINT32_MAX ? UINT32_MAX : (uint32_t)n;
+}
+
+/*
+ * Admission against the key's rate limits, before any work is done for the
+ * request (so a refused request costs no query and no worker). Returns
+ * false after answering 429 with Retry-After.
+ */
+static bool admit(struct live_req *r, const struct sched_principal *who)
+{
+    uint32_t retry = 0;
+    const char *which = "requests";
+    uint32_t tokens = expected_tokens(r);
+    if (!sched_rate_admit(r->s, who, tokens, &retry, &which)) {
+        char ra[16], msg[300];
+        snprintf(ra, sizeof ra, "%u", retry);
+        sh_add_header(r->c, "Retry-After", ra);
+        if (strcmp(which, "tokens") == 0)
+            snprintf(msg, sizeof msg,
+                     "rate limit reached: this key may use %u tokens per minute and this request "
+                     "expects %u (prompt + max_tokens); retry after %u s",
+                     who->tpm_limit, tokens, retry);
+        else
+            snprintf(msg, sizeof msg,
+                     "rate limit reached: this key may make %u requests per minute; retry after "
+                     "%u s",
+                     who->rpm_limit, retry);
+        fail(r, 429, "rate_limit_error", NULL, "rate_limit_exceeded", msg);
+        return false;
+    }
+    r->who = *who;
+    r->rate_tokens = tokens;
+    r->rate_charged = true;
+    return true;
+}
+
 /* ---- Handlers ------------------------------------------------------------ */
 
 static void start(struct sched *s, sh_call_t *c, bool chat)
@@ -1237,6 +1309,8 @@ static void start(struct sched *s, sh_call_t *c, bool chat)
         fail(r, e.status, "invalid_request_error", e.param, e.code, e.msg);
         return;
     }
+    if (who && !admit(r, who))
+        return;
     sh_on_gone(c, on_gone, r);
     resolve(r);
 }

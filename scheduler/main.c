@@ -9,6 +9,8 @@
  * a usage error. A database that cannot be reached is waited for.
  */
 #include "scheduler.h"
+#include "livelog.h"
+#include "ratelimit.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -65,6 +67,8 @@ void sched_shutdown(struct sched *s, int exit_code)
     sh_server_stop(s);
     sched_auth_stop(s);
     sched_sweep_stop(s);
+    sched_livelog_stop(s);
+    sched_rate_stop(s);
     sched_leader_stop(s);
     sched_db_close(s);
     uv_close((uv_handle_t *)&s->sigs[0], NULL);
@@ -275,7 +279,7 @@ int main(int argc, char **argv)
     s->loop = uv_default_loop();
     int rc;
     if ((rc = sched_db_open(s)) != 0 || (rc = sched_leader_start(s)) != 0 ||
-        (rc = sched_sweep_init(s)) != 0) {
+        (rc = sched_sweep_init(s)) != 0 || (rc = sched_livelog_init(s, NULL)) != 0) {
         sp_error("cannot start: %s (check --dsn)", sp_strerror(rc));
         return 1;
     }

@@ -100,6 +100,9 @@ struct sched {
     uv_timer_t sweep_timer;
     bool sweeping, sweep_again;
 
+    struct sched_rate *rate;       /* ratelimit.c: per-key token buckets, made on first use */
+    struct sched_livelog *livelog; /* livelog.c: the live-request log, from sched_livelog_init */
+
     bool stopping;
     bool schema_checked; /* the work connection found 0004's functions once */
     int exit_code;       /* main's return value: 0, or 1 after a fatal setup error */
