@@ -109,6 +109,30 @@ int sched_mp_boundary(const char *content_type, char *out, char *err, size_t err
     return 0;
 }
 
+/*
+ * Undoes the WHATWG form-data escapes of a filename in place: browsers and
+ * undici (the openai npm client) send '"' as %22, LF as %0A and CR as %0D.
+ */
+static void unescape_filename(char *f)
+{
+    char *w = f;
+    for (char *r = f; *r; r++) {
+        if (r[0] == '%' && r[1] == '2' && r[2] == '2') {
+            *w++ = '"';
+            r += 2;
+        } else if (r[0] == '%' && r[1] == '0' && (r[2] == 'A' || r[2] == 'a')) {
+            *w++ = '\n';
+            r += 2;
+        } else if (r[0] == '%' && r[1] == '0' && (r[2] == 'D' || r[2] == 'd')) {
+            *w++ = '\r';
+            r += 2;
+        } else {
+            *w++ = *r;
+        }
+    }
+    *w = '\0';
+}
+
 /* Parses one part's header block [h, hend) into part. */
 static int headers(const char *h, const char *hend, struct sched_mp_part *part, char *err,
                    size_t errcap)
@@ -136,6 +160,7 @@ static int headers(const char *h, const char *hend, struct sched_mp_part *part, 
             if (rc < 0)
                 return fail(err, errcap, "the uploaded file's name is longer than 255 bytes");
             part->has_filename = rc == 1;
+            unescape_filename(part->filename);
             disposition = true;
         }
         h = eol ? eol + 1 : hend;

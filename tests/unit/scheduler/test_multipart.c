@@ -49,7 +49,7 @@ static const char openai_body[] =
     "\r\n"
     "batch\r\n"
     "------formdata-undici-0123\r\n"
-    "Content-Disposition: form-data; name=\"file\"; filename=\"in put.jsonl\"\r\n"
+    "Content-Disposition: form-data; name=\"file\"; filename=\"in put %22q%22.jsonl\"\r\n"
     "Content-Type: application/jsonl\r\n"
     "\r\n"
     "{\"a\": 1}\r\n{\"b\": \"--\"}\n\r\n"
@@ -70,7 +70,7 @@ static void parses_what_the_openai_client_sends(void **state)
     assert_memory_equal(parts[0].data, "batch", 5);
     assert_string_equal(parts[1].name, "file");
     assert_true(parts[1].has_filename);
-    assert_string_equal(parts[1].filename, "in put.jsonl");
+    assert_string_equal(parts[1].filename, "in put \"q\".jsonl");
     const char *want = "{\"a\": 1}\r\n{\"b\": \"--\"}\n";
     assert_int_equal(parts[1].len, strlen(want));
     assert_memory_equal(parts[1].data, want, strlen(want));
