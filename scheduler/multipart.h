@@ -16,7 +16,7 @@
 
 struct sched_mp_part {
     char name[128];     /* Content-Disposition name="..." (required) */
-    char filename[256]; /* filename="...", "" when absent */
+    char filename[256]; /* filename="..." (%22, %0A, %0D decoded), "" when absent */
     bool has_filename;  /* a filename parameter was present (even empty) */
     const char *data;   /* the part's bytes, inside the body */
     size_t len;
