@@ -189,24 +189,9 @@ LANGUAGE sql STABLE AS $$
       FROM (SELECT 1) one LEFT JOIN spool.jobs j ON j.id = b.job_id
 $$;
 
--- The request parameters a batch line's body may carry, as the worker reads
--- them (worker/params.c); max_completion_tokens is OpenAI's newer name for
--- max_tokens. Other keys (user, logit_bias...) are ignored; the worker checks
--- types and ranges and fails that request alone with the reason.
-CREATE FUNCTION spool.batch_line_params(body jsonb) RETURNS jsonb
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT coalesce(jsonb_object_agg(CASE WHEN key = 'max_completion_tokens' THEN 'max_tokens' ELSE key END,
-                                     value), '{}')
-      FROM jsonb_each(body)
-     WHERE key IN ('max_tokens', 'max_completion_tokens', 'temperature', 'top_p', 'top_k', 'min_p',
-                   'seed', 'stop', 'presence_penalty', 'frequency_penalty', 'repetition_penalty',
-                   'ignore_eos')
-       AND jsonb_typeof(value) <> 'null'
-       AND NOT (key = 'max_tokens' AND body ? 'max_completion_tokens'
-                AND jsonb_typeof(body -> 'max_completion_tokens') <> 'null')
-$$;
-
--- text -> jsonb, or NULL with the parser's message in msg.
+-- text -> jsonb, or NULL with the parser's message in msg. Each call is a
+-- subtransaction (about 50 us), so batch_lines uses it only for a file in
+-- which some line is not JSON.
 CREATE FUNCTION spool.try_jsonb(t text, OUT j jsonb, OUT msg text)
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
@@ -218,11 +203,125 @@ EXCEPTION WHEN OTHERS THEN
     msg := SQLERRM || coalesce(' (' || nullif(detail, '') || ')', '');
 END $$;
 
+-- The lines of a batch input file, checked, one row per non-blank line
+-- (n: 1-based line number). A good line has problem NULL and its request:
+-- custom_id, prompt (completions) or messages (chat), and params: the body
+-- without model, messages, prompt, n and stream, with max_completion_tokens
+-- (OpenAI's newer name) as max_tokens. The worker reads the keys it knows
+-- (worker/params.c), ignores the others (user, logit_bias...), and checks
+-- types and ranges, failing that request alone. A bad
+-- line has code and problem. The batch's model is the model of the first
+-- line that is otherwise good; a line naming another is bad. Set-based, so
+-- that a 50,000-line file takes seconds, not minutes; all_json false (some
+-- line is not JSON) parses each line in a subtransaction instead.
+CREATE FUNCTION spool.batch_lines(content text, endpoint text, all_json boolean DEFAULT true)
+RETURNS TABLE (n bigint, custom_id text, code text, problem text, model text, prompt text,
+               messages jsonb, params jsonb)
+LANGUAGE sql STABLE AS $$
+    WITH raw AS (
+        SELECT t.o AS n, rtrim(t.raw, E'\r') AS line
+          FROM string_to_table(content, E'\n') WITH ORDINALITY AS t(raw, o)
+         WHERE btrim(rtrim(t.raw, E'\r'), E' \t') <> ''
+    ), parsed AS (
+        SELECT r.n, p.j, p.msg FROM raw r
+         CROSS JOIN LATERAL (SELECT r.line::jsonb AS j, NULL::text AS msg WHERE all_json
+                             UNION ALL
+                             SELECT x.j, x.msg FROM spool.try_jsonb(r.line) x WHERE NOT all_json) p
+    ), fields AS (
+        SELECT p.n, p.j, p.msg,
+               CASE WHEN jsonb_typeof(p.j) = 'object' AND jsonb_typeof(p.j -> 'custom_id') = 'string'
+                         AND p.j ->> 'custom_id' <> '' THEN p.j ->> 'custom_id' END AS cid,
+               CASE WHEN jsonb_typeof(p.j) = 'object' THEN p.j -> 'body' END AS body
+          FROM parsed p
+    ), checked AS (
+        SELECT f.n, f.cid, f.body,
+               CASE
+                 WHEN f.j IS NULL THEN ARRAY['invalid_json', 'not valid JSON: ' || f.msg]
+                 WHEN jsonb_typeof(f.j) <> 'object'
+                   THEN ARRAY['invalid_json', 'a line must be a JSON object, got ' || jsonb_typeof(f.j)]
+                 WHEN f.cid IS NULL
+                   THEN ARRAY['missing_required_parameter', 'custom_id must be a non-empty string']
+                 WHEN min(f.n) OVER (PARTITION BY f.cid) < f.n
+                   THEN ARRAY['duplicate_custom_id', format('custom_id "%s" was already used on line %s',
+                                                            f.cid, min(f.n) OVER (PARTITION BY f.cid))]
+                 WHEN f.j ->> 'method' IS DISTINCT FROM 'POST'
+                   THEN ARRAY['invalid_request', format('method must be "POST", got %s',
+                                                        coalesce((f.j -> 'method')::text, 'nothing'))]
+                 WHEN f.j ->> 'url' IS DISTINCT FROM endpoint
+                   THEN ARRAY['invalid_request', format('url must be "%s" (the batch''s endpoint), got %s',
+                                                        endpoint, coalesce((f.j -> 'url')::text, 'nothing'))]
+                 WHEN jsonb_typeof(f.body) IS DISTINCT FROM 'object'
+                   THEN ARRAY['missing_required_parameter', 'body must be a JSON object']
+                 WHEN jsonb_typeof(f.body -> 'model') IS DISTINCT FROM 'string' OR f.body ->> 'model' = ''
+                   THEN ARRAY['missing_required_parameter', 'body.model must be a non-empty string']
+                 WHEN endpoint = '/v1/chat/completions'
+                      AND (jsonb_typeof(f.body -> 'messages') IS DISTINCT FROM 'array'
+                           OR jsonb_array_length(f.body -> 'messages') = 0)
+                   THEN ARRAY['missing_required_parameter',
+                              'body.messages must be a non-empty array of {"role", "content"} objects']
+                 WHEN endpoint = '/v1/chat/completions' AND EXISTS (
+                        SELECT 1 FROM jsonb_array_elements(f.body -> 'messages') m
+                         WHERE jsonb_typeof(m) <> 'object'
+                            OR jsonb_typeof(m -> 'role') IS DISTINCT FROM 'string'
+                            OR jsonb_typeof(m -> 'content') IS DISTINCT FROM 'string')
+                   THEN ARRAY['invalid_request', 'body.messages: each message needs string "role" and "content"']
+                 WHEN endpoint = '/v1/completions' AND jsonb_typeof(f.body -> 'prompt') IS DISTINCT FROM 'string'
+                   THEN ARRAY['missing_required_parameter', 'body.prompt must be a string']
+                 WHEN f.body ? 'n' AND f.body -> 'n' NOT IN ('null'::jsonb, '1'::jsonb)
+                   THEN ARRAY['unsupported_parameter', 'body.n must be 1']
+                 WHEN f.body ? 'stream' AND f.body -> 'stream' NOT IN ('null'::jsonb, 'false'::jsonb)
+                   THEN ARRAY['unsupported_parameter', 'body.stream is not supported in a batch']
+               END AS bad
+          FROM fields f
+    ), batch_model AS (
+        SELECT c.body ->> 'model' AS model FROM checked c WHERE c.bad IS NULL ORDER BY c.n LIMIT 1
+    ), final AS (
+        SELECT c.n, c.cid, c.body,
+               coalesce(c.bad, CASE WHEN c.body ->> 'model' <> m.model THEN
+                   ARRAY['model_mismatch', format('body.model is "%s" but earlier lines name "%s"; '
+                                                  'one batch runs one model', c.body ->> 'model', m.model)]
+                   END) AS bad
+          FROM checked c LEFT JOIN batch_model m ON true
+    )
+    SELECT f.n, f.cid, f.bad[1], CASE WHEN f.bad IS NOT NULL THEN format('line %s: %s', f.n, f.bad[2]) END,
+           CASE WHEN f.bad IS NULL THEN f.body ->> 'model' END,
+           CASE WHEN f.bad IS NULL AND endpoint = '/v1/completions' THEN f.body ->> 'prompt' END,
+           CASE WHEN f.bad IS NULL AND endpoint = '/v1/chat/completions' THEN f.body -> 'messages' END,
+           CASE WHEN f.bad IS NULL THEN
+               CASE WHEN jsonb_typeof(f.body -> 'max_completion_tokens') IS DISTINCT FROM 'null'
+                         AND f.body ? 'max_completion_tokens'
+                    THEN (f.body - '{model,messages,prompt,n,stream,max_tokens,max_completion_tokens}'::text[])
+                         || jsonb_build_object('max_tokens', f.body -> 'max_completion_tokens')
+                    ELSE f.body - '{model,messages,prompt,n,stream,max_completion_tokens}'::text[] END
+           END
+      FROM final f
+     ORDER BY f.n
+$$;
+
+-- batch_lines gathered for create_batch: the model, the bad lines as a JSON
+-- array of {line, custom_id, code, message}, and the good lines' requests as
+-- parallel arrays.
+CREATE FUNCTION spool.batch_collect(content text, endpoint text, all_json boolean,
+                                    OUT model text, OUT bad jsonb, OUT ids text[], OUT prompts text[],
+                                    OUT msgs jsonb[], OUT params jsonb[])
+LANGUAGE sql STABLE AS $$
+    SELECT min(l.model),
+           coalesce(jsonb_agg(jsonb_build_object('line', l.n, 'custom_id', l.custom_id, 'code', l.code,
+                                                 'message', l.problem) ORDER BY l.n)
+                    FILTER (WHERE l.problem IS NOT NULL), '[]'),
+           coalesce(array_agg(l.custom_id ORDER BY l.n) FILTER (WHERE l.problem IS NULL), '{}'),
+           array_agg(l.prompt ORDER BY l.n) FILTER (WHERE l.problem IS NULL),
+           array_agg(l.messages ORDER BY l.n) FILTER (WHERE l.problem IS NULL),
+           array_agg(l.params ORDER BY l.n) FILTER (WHERE l.problem IS NULL)
+      FROM spool.batch_lines(content, endpoint, all_json) l
+$$;
+
 -- Creates a batch from an uploaded file (purpose "batch") of the tenant:
--- checks each line, makes one sealed job of the valid ones, and returns the
--- batch object. Raises (no batch made) when the file or a parameter is wrong;
--- a batch with no valid line, or whose model is unknown, is made as
--- "failed" with the reasons in its errors and error file.
+-- checks each line (batch_lines), makes one sealed job of the valid ones,
+-- and returns the batch object. Raises (no batch made) when the file or a
+-- parameter is wrong; a batch with no valid line, or whose model is
+-- unknown, is made as "failed" with the reasons in its errors and error
+-- file.
 CREATE FUNCTION spool.create_batch(tenant text, input_file_id text, endpoint text,
                                    completion_window text DEFAULT '24h', metadata jsonb DEFAULT NULL)
 RETURNS jsonb
@@ -230,21 +329,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     f spool.files;
     b spool.batches;
-    kind text;                    -- 'chat' or 'completion'
-    l record;
-    n bigint;
-    j jsonb;
-    body jsonb;
-    cid text;
     problem text;
-    code text;
     model_name text;
-    bad_lines jsonb[] := '{}';
     bad jsonb;
-    ids text[] := '{}';
-    prompts text[] := '{}';
-    msgs jsonb[] := '{}';
-    params jsonb[] := '{}';
+    ids text[];
+    prompts text[];
+    msgs jsonb[];
+    params jsonb[];
     job bigint;
 BEGIN
     IF endpoint IS NULL OR endpoint NOT IN ('/v1/chat/completions', '/v1/completions') THEN
@@ -274,86 +365,16 @@ BEGIN
               f.id, f.purpose
             USING ERRCODE = 'invalid_parameter_value', COLUMN = 'input_file_id';
     END IF;
-    kind := CASE endpoint WHEN '/v1/chat/completions' THEN 'chat' ELSE 'completion' END;
 
-    -- Each non-blank line, parsed, with the first line that has its custom_id.
-    FOR l IN
-        SELECT q.n, q.j, q.msg, q.cid,
-               min(q.n) OVER (PARTITION BY q.cid) AS first_n
-          FROM (SELECT t.o AS n, p.j, p.msg,
-                       CASE WHEN jsonb_typeof(p.j -> 'custom_id') = 'string' AND p.j ->> 'custom_id' <> ''
-                            THEN p.j ->> 'custom_id' END AS cid
-                  FROM string_to_table(f.content, E'\n') WITH ORDINALITY AS t(raw, o)
-                  CROSS JOIN LATERAL spool.try_jsonb(rtrim(t.raw, E'\r')) p
-                 WHERE btrim(rtrim(t.raw, E'\r'), E' \t') <> '') q
-         ORDER BY q.n
-    LOOP
-        n := l.n;
-        j := l.j;
-        cid := CASE WHEN jsonb_typeof(j) = 'object' THEN l.cid END;
-        problem := NULL;
-        code := 'invalid_request';
-        IF j IS NULL THEN
-            code := 'invalid_json';
-            problem := 'not valid JSON: ' || l.msg;
-        ELSIF jsonb_typeof(j) <> 'object' THEN
-            code := 'invalid_json';
-            problem := 'a line must be a JSON object, got ' || jsonb_typeof(j);
-        ELSE
-            body := j -> 'body';
-            IF cid IS NULL THEN
-                code := 'missing_required_parameter';
-                problem := 'custom_id must be a non-empty string';
-            ELSIF l.first_n < n THEN
-                code := 'duplicate_custom_id';
-                problem := format('custom_id "%s" was already used on line %s', cid, l.first_n);
-            ELSIF j ->> 'method' IS DISTINCT FROM 'POST' THEN
-                problem := format('method must be "POST", got %s', coalesce((j -> 'method')::text, 'nothing'));
-            ELSIF j ->> 'url' IS DISTINCT FROM endpoint THEN
-                problem := format('url must be "%s" (the batch''s endpoint), got %s', endpoint,
-                                  coalesce((j -> 'url')::text, 'nothing'));
-            ELSIF jsonb_typeof(body) IS DISTINCT FROM 'object' THEN
-                code := 'missing_required_parameter';
-                problem := 'body must be a JSON object';
-            ELSIF jsonb_typeof(body -> 'model') IS DISTINCT FROM 'string' OR body ->> 'model' = '' THEN
-                code := 'missing_required_parameter';
-                problem := 'body.model must be a non-empty string';
-            ELSIF model_name IS NOT NULL AND body ->> 'model' <> model_name THEN
-                code := 'model_mismatch';
-                problem := format('body.model is "%s" but earlier lines name "%s"; one batch runs one model',
-                                  body ->> 'model', model_name);
-            ELSIF kind = 'chat' AND (jsonb_typeof(body -> 'messages') IS DISTINCT FROM 'array'
-                                     OR jsonb_array_length(body -> 'messages') = 0) THEN
-                code := 'missing_required_parameter';
-                problem := 'body.messages must be a non-empty array of {"role", "content"} objects';
-            ELSIF kind = 'chat' AND EXISTS (
-                    SELECT 1 FROM jsonb_array_elements(body -> 'messages') m
-                     WHERE jsonb_typeof(m) <> 'object' OR jsonb_typeof(m -> 'role') IS DISTINCT FROM 'string'
-                        OR jsonb_typeof(m -> 'content') IS DISTINCT FROM 'string') THEN
-                problem := 'body.messages: each message needs string "role" and "content"';
-            ELSIF kind = 'completion' AND jsonb_typeof(body -> 'prompt') IS DISTINCT FROM 'string' THEN
-                code := 'missing_required_parameter';
-                problem := 'body.prompt must be a string';
-            ELSIF body ? 'n' AND body -> 'n' NOT IN ('null'::jsonb, '1'::jsonb) THEN
-                code := 'unsupported_parameter';
-                problem := 'body.n must be 1';
-            ELSIF body ? 'stream' AND body -> 'stream' NOT IN ('null'::jsonb, 'false'::jsonb) THEN
-                code := 'unsupported_parameter';
-                problem := 'body.stream is not supported in a batch';
-            END IF;
-        END IF;
-        IF problem IS NOT NULL THEN
-            bad_lines := bad_lines || jsonb_build_object(
-                'line', n, 'custom_id', cid, 'code', code, 'message', format('line %s: %s', n, problem));
-            CONTINUE;
-        END IF;
-        model_name := coalesce(model_name, body ->> 'model');
-        ids := ids || cid;
-        prompts := prompts || CASE WHEN kind = 'completion' THEN body ->> 'prompt' END;
-        msgs := msgs || CASE WHEN kind = 'chat' THEN body -> 'messages' END;
-        params := params || spool.batch_line_params(body);
-    END LOOP;
-    bad := to_jsonb(bad_lines);
+    -- Every line is parsed once; only when some line is not JSON (the first
+    -- attempt fails) again, line by line, keeping each line's error.
+    BEGIN
+        SELECT * INTO model_name, bad, ids, prompts, msgs, params
+          FROM spool.batch_collect(f.content, endpoint, true);
+    EXCEPTION WHEN OTHERS THEN
+        SELECT * INTO model_name, bad, ids, prompts, msgs, params
+          FROM spool.batch_collect(f.content, endpoint, false);
+    END;
 
     INSERT INTO spool.batches (tenant, input_file_id, endpoint, completion_window, metadata, model,
                                status, input_errors, in_progress_at, expires_at)

@@ -250,7 +250,8 @@ static void good_lines_run_bad_lines_go_to_the_error_file(void **state)
         rows, "a|[{\"role\": \"user\", \"content\": \"hi\"}]|{\"max_tokens\": 5, \"temperature\": "
               "0}\n"
               "long-b|[{\"role\": \"system\", \"content\": \"s\"}, {\"role\": \"user\", "
-              "\"content\": \"yo\"}]|{\"seed\": 3, \"stop\": [\"x\"], \"max_tokens\": 7}\n"
+              "\"content\": \"yo\"}]|{\"seed\": 3, \"stop\": [\"x\"], \"user\": \"ignored\", "
+              "\"max_tokens\": 7}\n"
               "fail-f|[{\"role\": \"user\", \"content\": \"ok\"}]|{\"temperature\": \"hot\"}");
     free(rows);
     char *st = val("SELECT state || ' ' || total || ' ' || m.name FROM spool.jobs j JOIN "
