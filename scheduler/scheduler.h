@@ -9,6 +9,10 @@
  *   sweep.c      the periodic sweep: expire leases, plan, place, lease, ASSIGN
  *   placement.c  the placement policy (pure)
  *   workers.c    the worker listener and what each frame does
+ *   http.c       the HTTP front (http.h), served in every role
+ *   auth.c       API key checks for the HTTP front (auth.h)
+ *   models.c     GET /v1/models
+ *   live.c       the live lane: completions, routing to workers, TOKENS relay
  *
  * Roles (leader.c is the only writer of s->active):
  *
@@ -73,7 +77,8 @@ struct sched_worker {
     uint64_t last_beat;  /* uv_now() of REGISTERED or the last HEARTBEAT, ms */
     char **digests;      /* loaded models ("sha256:<hex>"), owned */
     size_t n_digests;
-    int64_t load; /* requests leased to it, from the last sweep plus placements since */
+    int64_t load;           /* requests leased to it, from the last sweep plus placements since */
+    uint32_t live_inflight; /* live requests sent to it and not finished (live.c) */
 };
 
 struct sched {
@@ -99,6 +104,10 @@ struct sched {
     bool schema_checked; /* the work connection found 0004's functions once */
     int exit_code;       /* main's return value: 0, or 1 after a fatal setup error */
     uv_signal_t sigs[2]; /* SIGTERM, SIGINT */
+
+    struct sh_server *http;  /* the HTTP front (http.c), every role */
+    struct sched_auth *auth; /* API key cache (auth.c) */
+    struct live_state *live; /* live requests in flight (live.c) */
 };
 
 /* main.c */
