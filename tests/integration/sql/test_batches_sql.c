@@ -574,6 +574,26 @@ static void tenants_roles_see_only_their_own(void **state)
     char *st = val("SELECT status FROM spool.batches WHERE id = $1", 1, &p[1]);
     assert_string_equal(st, "in_progress");
     free(st);
+
+    /* The job runs; reading as ta's role finalizes with ta's rights, and
+     * the output file is ta's alone. */
+    char *job = val("SELECT job_id FROM spool.batches WHERE id = $1", 1, &p[1]);
+    run_job(job);
+    ok("SET ROLE ta");
+    json_t *done = jval("SELECT spool.batch_get($1, $2)", 2, p);
+    assert_string_equal(jstr(done, "status", NULL), "completed");
+    const char *po[] = {"ta", jstr(done, "output_file_id", NULL)};
+    n = val("SELECT count(*) FROM spool.files WHERE id = $2 AND tenant = $1", 2, po);
+    assert_string_equal(n, "1");
+    free(n);
+    ok("RESET ROLE");
+    ok("SET ROLE tb");
+    n = val("SELECT count(*) FROM spool.files", 0, NULL);
+    assert_string_equal(n, "0");
+    free(n);
+    ok("RESET ROLE");
+    json_decref(done);
+    free(job);
     json_decref(ba);
     free(fa);
 }
