@@ -44,6 +44,7 @@
 #include "auth.h"
 #include "live.h"
 #include "models.h"
+#include "oai_batch.h"
 #include "scheduler.h"
 #include "spool/error.h"
 #include "spool/log.h"
@@ -73,6 +74,7 @@ static const struct {
     {core_routes, &core_n_routes},
     {sched_models_routes, &sched_models_n_routes},
     {sched_live_routes, &sched_live_n_routes},
+    {sched_batch_routes, &sched_batch_n_routes},
 };
 
 /* ---- State --------------------------------------------------------------- */

@@ -11,6 +11,10 @@
  *   5. sched_place() in C, then per placement:
  *      spool.lease_shard(shard, worker, ttl) -> ASSIGN with the new token
  *
+ * Beside the chain, each sweep queues SELECT spool.finalize_batches(), which
+ * writes the output and error files of OpenAI batches whose jobs have ended
+ * (migration 0009); a job's end NOTIFYs spool_job_done, which sweeps.
+ *
  * A lease_shard that returns NULL (the shard was cancelled or taken
  * meanwhile) sends nothing. A lease whose worker disconnected before the
  * result came back is left to expire. Every callback checks the epoch: a
@@ -303,6 +307,16 @@ static void on_expire(sp_pgconn_t *c, PGresult *res, const char *err, void *arg)
         sweep_end(sw);
 }
 
+static void on_finalized(sp_pgconn_t *c, PGresult *res, const char *err, void *arg)
+{
+    (void)c;
+    (void)arg;
+    if (err)
+        sp_warn("finalizing batches: %s", err);
+    else if (strcmp(PQgetvalue(res, 0, 0), "0") != 0)
+        sp_info("finalized %s batch(es): output and error files written", PQgetvalue(res, 0, 0));
+}
+
 void sched_sweep(struct sched *s)
 {
     if (s->stopping || !s->active || !sched_db_up(s))
@@ -317,6 +331,7 @@ void sched_sweep(struct sched *s)
     sw->s = s;
     sw->epoch = s->epoch;
     s->sweeping = true;
+    sp_pgconn_query(s->db, "SELECT spool.finalize_batches()", 0, NULL, on_finalized, NULL);
     if (sp_pgconn_query(s->db, "SELECT count(*) FROM spool.expire_leases()", 0, NULL, on_expire,
                         sw) != 0)
         sweep_end(sw);

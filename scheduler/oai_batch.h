@@ -1,0 +1,26 @@
+/*
+ * The OpenAI Batch API over HTTP (oai_batch.c): files and batches, backed by
+ * batch-lane jobs through the SQL functions of migration 0009.
+ *
+ *   POST /v1/files                   multipart/form-data (purpose, file), or a
+ *                                    raw JSONL body with ?purpose=batch&filename=
+ *   GET  /v1/files                   ?purpose= &limit= &after=
+ *   GET  /v1/files/{id}
+ *   GET  /v1/files/{id}/content
+ *   POST /v1/batches                 {input_file_id, endpoint, completion_window, metadata}
+ *   GET  /v1/batches                 ?limit= &after=
+ *   GET  /v1/batches/{id}
+ *   POST /v1/batches/{id}/cancel
+ *
+ * Every route needs SCHED_SCOPE_BATCH and acts only on the key's tenant:
+ * another tenant's id is 404, as is an unknown one.
+ */
+#ifndef SPOOL_SCHEDULER_OAI_BATCH_H
+#define SPOOL_SCHEDULER_OAI_BATCH_H
+
+#include "http.h"
+
+extern const struct sh_route sched_batch_routes[];
+extern const int sched_batch_n_routes;
+
+#endif
