@@ -9,6 +9,7 @@
  * a usage error. A database that cannot be reached is waited for.
  */
 #include "scheduler.h"
+#include "metrics.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -228,8 +229,8 @@ int main(int argc, char **argv)
 
     s->loop = uv_default_loop();
     int rc;
-    if ((rc = sched_db_open(s)) != 0 || (rc = sched_leader_start(s)) != 0 ||
-        (rc = sched_sweep_init(s)) != 0) {
+    if ((rc = sched_metrics_init(s)) != 0 || (rc = sched_db_open(s)) != 0 ||
+        (rc = sched_leader_start(s)) != 0 || (rc = sched_sweep_init(s)) != 0) {
         sp_error("cannot start: %s (check --dsn)", sp_strerror(rc));
         return 1;
     }
@@ -246,6 +247,7 @@ int main(int argc, char **argv)
     rc = uv_loop_close(s->loop);
     if (rc)
         sp_warn("loop closed with handles open: %s", uv_strerror(rc));
+    sched_metrics_stop(s);
     sp_info("stopped");
     return s->exit_code;
 }

@@ -74,6 +74,9 @@ struct sched_worker {
     char **digests;      /* loaded models ("sha256:<hex>"), owned */
     size_t n_digests;
     int64_t load; /* requests leased to it, from the last sweep plus placements since */
+    /* For the metrics: capacity from REGISTER, the rest from the last HEARTBEAT. */
+    enum sp_wire_capacity capacity;
+    uint32_t kv_blocks_free, kv_blocks_total, running, queued;
 };
 
 struct sched {
@@ -99,6 +102,9 @@ struct sched {
     bool schema_checked; /* the work connection found 0004's functions once */
     int exit_code;       /* main's return value: 0, or 1 after a fatal setup error */
     uv_signal_t sigs[2]; /* SIGTERM, SIGINT */
+
+    /* metrics.c's state (metrics.h); NULL before sched_metrics_init. */
+    struct sched_metrics *metrics;
 };
 
 /* main.c */
