@@ -5,6 +5,8 @@
  *   spool_jobs      a job was sealed or a shard went back to pending: sweep
  *   spool_job_done  a job finished, so its workers have room: sweep
  *   spool_cancel    a job was cancelled: REVOKE its leases on their workers
+ *   spool_api_keys  an API key was revoked: forget it (every role, since
+ *                   standbys serve HTTP too)
  *
  * sp_pgconn re-issues the LISTENs after a reconnect, before on_up; on_up
  * then sweeps, which catches up with whatever was notified while the
@@ -17,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "auth.h"
 #include "spool/error.h"
 #include "spool/log.h"
 
@@ -64,6 +67,10 @@ static void on_notify(sp_pgconn_t *c, const char *channel, const char *payload, 
     (void)c;
     struct sched *s = arg;
     sp_debug("NOTIFY %s '%s'", channel, payload);
+    if (strcmp(channel, "spool_api_keys") == 0) {
+        sched_auth_forget(s, payload && *payload ? payload : "0");
+        return;
+    }
     if (!s->active || s->stopping)
         return;
     if (strcmp(channel, "spool_cancel") == 0) {
@@ -115,6 +122,8 @@ static void on_up(sp_pgconn_t *c, void *arg)
     (void)c;
     struct sched *s = arg;
     sp_info("work connection ready");
+    /* NOTIFYs may have been missed while the connection was down. */
+    sched_auth_forget(s, "");
     if (!s->schema_checked) {
         sp_pgconn_query(s->db,
                         "SELECT spool.schema_version(), "
@@ -151,7 +160,8 @@ int sched_db_open(struct sched *s)
     int rc = sp_pgconn_open(s->loop, s->cfg.dsn, &o, &s->db);
     if (rc)
         return rc;
-    static const char *const channels[] = {"spool_jobs", "spool_cancel", "spool_job_done"};
+    static const char *const channels[] = {"spool_jobs", "spool_cancel", "spool_job_done",
+                                           "spool_api_keys"};
     for (size_t i = 0; i < sizeof channels / sizeof channels[0]; i++)
         if ((rc = sp_pgconn_listen(s->db, channels[i])) != 0)
             return rc;

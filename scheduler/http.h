@@ -137,9 +137,17 @@ struct sh_config {
     unsigned request_timeout_ms; /* a live request's whole time; 0: 600000 */
 };
 
-/* Starts listening (every scheduler serves HTTP, active or standby). Returns 0 or SP_EIO. */
+/*
+ * Starts listening (every scheduler serves HTTP, active or standby). Returns
+ * 0, or SP_EIO for an address that does not parse. An address in use is
+ * not fatal: it is logged and tried again every 2 s.
+ */
 int sh_server_start(struct sched *s, const struct sh_config *cfg);
 /* Stops listening and ends every open call. */
 void sh_server_stop(struct sched *s);
+/* The server's configuration (defaults filled in), or NULL before sh_server_start. */
+const struct sh_config *sh_server_config(struct sched *s);
+/* The bound HTTP port, or 0 while not listening. */
+int sh_server_port(struct sched *s);
 
 #endif

@@ -20,6 +20,9 @@
 #include <string.h>
 #include <uv.h>
 
+#include "auth.h"
+#include "http.h"
+#include "live.h"
 #include "spool/error.h"
 #include "spool/log.h"
 #include "spool_config.h"
@@ -34,6 +37,12 @@ static const char usage[] =
     "                       (env SPOOL_LISTEN, default 127.0.0.1:7470)\n"
     "  --port-file PATH     while active, write the bound port there (removed on\n"
     "                       stepping down)\n"
+    "  --http-listen ADDR   HTTP (OpenAI-compatible API, /healthz, /readyz) address,\n"
+    "                       host:port; port 0 picks one; served active or standby\n"
+    "                       (env SPOOL_HTTP_LISTEN, default 127.0.0.1:8080)\n"
+    "  --http-port-file PATH  write the bound HTTP port there\n"
+    "  --http-max-body N    request bodies larger than N bytes get 413 (default 100 MiB)\n"
+    "  --request-timeout-ms N  a live request's whole time (default 600000)\n"
     "  --heartbeat-ms N     workers heartbeat this often (default 5000)\n"
     "  --lease-ttl-ms N     a lease not renewed for this long expires (default 30000)\n"
     "  --sweep-ms N         expire, plan and place this often (default 1000)\n"
@@ -53,6 +62,9 @@ void sched_shutdown(struct sched *s, int exit_code)
         return;
     s->stopping = true;
     s->exit_code = exit_code;
+    sched_live_stop(s);
+    sh_server_stop(s);
+    sched_auth_stop(s);
     sched_sweep_stop(s);
     sched_leader_stop(s);
     sched_db_close(s);
@@ -86,13 +98,13 @@ static bool parse_uint(const char *flag, const char *v, unsigned min, unsigned *
     return true;
 }
 
-/* Splits host:port ([v6]:port too) into cfg; returns false with a message. */
-static bool parse_listen(const char *v, struct sched_config *cfg)
+/* Splits host:port ([v6]:port too) for flag into host and port; returns false with a message. */
+static bool parse_addr(const char *flag, const char *v, char *host, size_t hostcap, int *port_out)
 {
     const char *colon = strrchr(v, ':');
     unsigned port;
-    if (!colon || colon == v || !parse_uint("--listen port", colon + 1, 0, &port) || port > 65535) {
-        fprintf(stderr, "usage error: --listen wants host:port (0..65535), got '%s'\n", v);
+    if (!colon || colon == v || !parse_uint(flag, colon + 1, 0, &port) || port > 65535) {
+        fprintf(stderr, "usage error: %s wants host:port (0..65535), got '%s'\n", flag, v);
         return false;
     }
     const char *h = v;
@@ -101,19 +113,18 @@ static bool parse_listen(const char *v, struct sched_config *cfg)
         h++;
         hl -= 2;
     }
-    if (hl >= sizeof cfg->listen_host) {
-        fprintf(stderr, "usage error: --listen host is too long\n");
+    if (hl >= hostcap) {
+        fprintf(stderr, "usage error: %s host is too long\n", flag);
         return false;
     }
-    memcpy(cfg->listen_host, h, hl);
-    cfg->listen_host[hl] = '\0';
-    cfg->listen_port = (int)port;
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    *port_out = (int)port;
     struct sockaddr_in6 a6;
     struct sockaddr_in a4;
-    if (uv_ip4_addr(cfg->listen_host, 0, &a4) != 0 && uv_ip6_addr(cfg->listen_host, 0, &a6) != 0) {
-        fprintf(stderr,
-                "usage error: --listen host '%s' is not an IP address (names are not resolved)\n",
-                cfg->listen_host);
+    if (uv_ip4_addr(host, 0, &a4) != 0 && uv_ip6_addr(host, 0, &a6) != 0) {
+        fprintf(stderr, "usage error: %s host '%s' is not an IP address (names are not resolved)\n",
+                flag, host);
         return false;
     }
     return true;
@@ -136,7 +147,22 @@ int main(int argc, char **argv)
         .max_candidates = 512,
     };
     const char *listen = env_or("SPOOL_LISTEN", "127.0.0.1:7470");
-    enum { O_PORT_FILE = 256, O_HB, O_TTL, O_SWEEP, O_LOCK, O_SHARD, O_FILL };
+    const char *http_listen = env_or("SPOOL_HTTP_LISTEN", "127.0.0.1:8080");
+    struct sh_config hcfg = {.port = 8080};
+    unsigned max_body = 100u << 20, req_timeout = 600000;
+    enum {
+        O_PORT_FILE = 256,
+        O_HB,
+        O_TTL,
+        O_SWEEP,
+        O_LOCK,
+        O_SHARD,
+        O_FILL,
+        O_HTTP,
+        O_HTTP_PORT_FILE,
+        O_MAX_BODY,
+        O_REQ_TIMEOUT
+    };
     static const struct option opts[] = {
         {"dsn", required_argument, NULL, 'd'},
         {"listen", required_argument, NULL, 'l'},
@@ -147,6 +173,10 @@ int main(int argc, char **argv)
         {"lock-retry-ms", required_argument, NULL, O_LOCK},
         {"shard-size", required_argument, NULL, O_SHARD},
         {"fill", required_argument, NULL, O_FILL},
+        {"http-listen", required_argument, NULL, O_HTTP},
+        {"http-port-file", required_argument, NULL, O_HTTP_PORT_FILE},
+        {"http-max-body", required_argument, NULL, O_MAX_BODY},
+        {"request-timeout-ms", required_argument, NULL, O_REQ_TIMEOUT},
         {"log-level", required_argument, NULL, 'L'},
         {"log-json", no_argument, NULL, 'J'},
         {"version", no_argument, NULL, 'V'},
@@ -185,6 +215,18 @@ int main(int argc, char **argv)
         case O_FILL:
             ok = parse_uint("--fill", optarg, 1, &cfg->fill);
             break;
+        case O_HTTP:
+            http_listen = optarg;
+            break;
+        case O_HTTP_PORT_FILE:
+            hcfg.port_file = optarg;
+            break;
+        case O_MAX_BODY:
+            ok = parse_uint("--http-max-body", optarg, 1, &max_body);
+            break;
+        case O_REQ_TIMEOUT:
+            ok = parse_uint("--request-timeout-ms", optarg, 1, &req_timeout);
+            break;
         case 'L': {
             int l = sp_log_parse_level(optarg);
             if (l < 0) {
@@ -219,8 +261,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "error: no database: pass --dsn or set SPOOL_DSN\n");
         return 2;
     }
-    if (!parse_listen(listen, cfg))
+    if (!parse_addr("--listen", listen, cfg->listen_host, sizeof cfg->listen_host,
+                    &cfg->listen_port) ||
+        !parse_addr("--http-listen", http_listen, hcfg.host, sizeof hcfg.host, &hcfg.port))
         return 2;
+    hcfg.max_body = max_body;
+    hcfg.request_timeout_ms = req_timeout;
     if (cfg->heartbeat_ms >= cfg->lease_ttl_ms)
         sp_warn("--heartbeat-ms %u is not below --lease-ttl-ms %u: leases will expire between "
                 "heartbeats",
@@ -232,6 +278,11 @@ int main(int argc, char **argv)
     if ((rc = sched_metrics_init(s)) != 0 || (rc = sched_db_open(s)) != 0 ||
         (rc = sched_leader_start(s)) != 0 || (rc = sched_sweep_init(s)) != 0) {
         sp_error("cannot start: %s (check --dsn)", sp_strerror(rc));
+        return 1;
+    }
+    if ((rc = sched_auth_init(s)) != 0 || (rc = sh_server_start(s, &hcfg)) != 0) {
+        sp_error("cannot start the HTTP server on %s: %s (check --http-listen)", http_listen,
+                 sp_strerror(rc));
         return 1;
     }
     for (int i = 0; i < 2; i++) {

@@ -9,6 +9,10 @@
  *   sweep.c      the periodic sweep: expire leases, plan, place, lease, ASSIGN
  *   placement.c  the placement policy (pure)
  *   workers.c    the worker listener and what each frame does
+ *   http.c       the HTTP front (http.h), served in every role
+ *   auth.c       API key checks for the HTTP front (auth.h)
+ *   models.c     GET /v1/models
+ *   live.c       the live lane: completions, routing to workers, TOKENS relay
  *
  * Roles (leader.c is the only writer of s->active):
  *
@@ -73,7 +77,8 @@ struct sched_worker {
     uint64_t last_beat;  /* uv_now() of REGISTERED or the last HEARTBEAT, ms */
     char **digests;      /* loaded models ("sha256:<hex>"), owned */
     size_t n_digests;
-    int64_t load; /* requests leased to it, from the last sweep plus placements since */
+    int64_t load;           /* requests leased to it, from the last sweep plus placements since */
+    uint32_t live_inflight; /* live requests sent to it and not finished (live.c) */
     /* For the metrics: capacity from REGISTER, the rest from the last HEARTBEAT. */
     enum sp_wire_capacity capacity;
     uint32_t kv_blocks_free, kv_blocks_total, running, queued;
@@ -103,6 +108,9 @@ struct sched {
     int exit_code;       /* main's return value: 0, or 1 after a fatal setup error */
     uv_signal_t sigs[2]; /* SIGTERM, SIGINT */
 
+    struct sh_server *http;  /* the HTTP front (http.c), every role */
+    struct sched_auth *auth; /* API key cache (auth.c) */
+    struct live_state *live; /* live requests in flight (live.c) */
     /* metrics.c's state (metrics.h); NULL before sched_metrics_init. */
     struct sched_metrics *metrics;
 };

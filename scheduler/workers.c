@@ -15,8 +15,8 @@
  *   DRAIN      the worker takes nothing more; spool.worker_draining records
  *              the notice in spool.preemptions with the DRAIN's reason
  *   GOODBYE    spool.worker_gone; GOODBYE back, then shut down
- *   USAGE, TOKENS, ERROR   logged (cost accounting and the live lane are
- *              elsewhere)
+ *   TOKENS, and USAGE or ERROR naming a live request: live.c
+ *   USAGE, ERROR (others)  logged (cost accounting is elsewhere)
  *
  * HEARTBEAT, PROGRESS, DONE, RELEASE, DRAIN and a shard's USAGE also feed
  * the metrics (metrics.h).
@@ -38,6 +38,7 @@
 
 #include <jansson.h>
 
+#include "live.h"
 #include "spool/error.h"
 #include "spool/log.h"
 
@@ -267,6 +268,8 @@ static void on_frame(sp_wire_conn_t *c, struct sp_wire_frame *f)
         fail_worker(w, SP_EPROTO, msg);
         return;
     }
+    if (w->state != SW_NEW && sched_live_frame(s, w, f))
+        return; /* a live request's TOKENS, USAGE or ERROR */
     char id[24], a[24], b[64];
     snprintf(id, sizeof id, "%" PRId64, w->id);
     switch (f->type) {
@@ -354,6 +357,7 @@ static void on_conn_close(sp_wire_conn_t *c, int err)
     record_gone(w);
     w->conn = NULL;
     w->state = SW_CLOSED;
+    sched_live_worker_lost(s, w);
     if (w->prev)
         w->prev->next = w->next;
     else if (s->workers == w)
