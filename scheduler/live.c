@@ -294,7 +294,8 @@ static void stream_text(struct live_req *r, const char *text, size_t n, const ch
     size_t len = ev_head(r);
     if (r->chat) {
         if (finish) {
-            len = ev_append(r, len, "\"choices\":[{\"index\":0,\"delta\":{},", 32);
+            const char a[] = "\"choices\":[{\"index\":0,\"delta\":{},";
+            len = ev_append(r, len, a, sizeof a - 1);
         } else {
             const char a[] = "\"choices\":[{\"index\":0,\"delta\":{\"content\":\"";
             len = ev_append(r, len, a, sizeof a - 1);
@@ -539,8 +540,15 @@ void sched_live_worker_lost(struct sched *s, struct sched_worker *w)
 
 void sched_live_stop(struct sched *s)
 {
-    while (s->live && s->live->reqs) {
-        struct live_req *r = s->live->reqs;
+    for (struct live_req *r = s->live ? s->live->reqs : NULL, *next; r; r = next) {
+        next = r->next;
+        if (r->resolving) { /* its query's callback finishes it */
+            if (r->c)
+                sh_respond_error(r->c, 503, "service_unavailable", NULL, NULL,
+                                 "the scheduler is shutting down; retry");
+            r->c = NULL;
+            continue;
+        }
         send_cancel(r);
         fail(r, 503, "service_unavailable", NULL, NULL, "the scheduler is shutting down; retry");
     }
