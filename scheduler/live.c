@@ -17,6 +17,7 @@
  * grown), from a prefix and suffix made once per request.
  */
 #include "live.h"
+#include "metrics.h"
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -159,6 +160,11 @@ static void live_finish(struct live_req *r, int status)
      *                      r->model.model_id, r->endpoint, status, r->tokens_in,
      *                      r->tokens_out, ttft_s, latency_s, worker id, r->finish});
      */
+    double ttft_s = r->t_first > 0 ? r->t_first - started : -1;
+    double tpot_s =
+        r->t_first > 0 && r->tokens_out > 1 ? (end - r->t_first) / (double)(r->tokens_out - 1) : -1;
+    sched_metrics_live_done(s, r->label, status, ttft_s, tpot_s, end - started, r->tokens_in,
+                            r->tokens_out);
     sp_debug("live %" PRIu64 " %s %s: %d, %u in, %u out, %.1f ms", r->id, r->endpoint, r->label,
              status, r->tokens_in, r->tokens_out, (end - started) * 1e3);
     r->c = NULL;

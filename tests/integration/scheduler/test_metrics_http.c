@@ -2,11 +2,14 @@
  * GET /metrics end to end: the real spool-scheduler (argv[1]) with its HTTP
  * server, a real PostgreSQL (pgtest), a fake worker on the test's libuv loop
  * speaking the wire protocol, and curl as the HTTP client. The worker's
- * heartbeat values appear in the gauges; a batch shard's PROGRESS, USAGE
+ * heartbeat values appear in the gauges; a live request through
+ * /v1/completions (the fake worker answers with TOKENS and USAGE) moves the
+ * live request, token and latency metrics; a batch shard's PROGRESS, USAGE
  * and DONE move the token and request counters; a DRAIN counts a
  * preemption; every scrape passes the strict checker and the official
  * Python parser (argv[2]: prom_parse.py).
  */
+#include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
 #include <setjmp.h>
@@ -94,6 +97,7 @@ struct fw {
     struct sp_wire_heartbeat beat; /* what it reports */
     uint64_t shard, token;
     bool assigned;
+    int n_live;
 };
 
 static void send_frame(struct fw *w, struct sp_wire_frame *f)
@@ -120,6 +124,27 @@ static void on_frame(sp_wire_conn_t *c, struct sp_wire_frame *f)
         w->registered = true;
         w->worker_id = f->registered.worker_id;
         uv_timer_start(&w->hb, on_hb, 0, f->registered.heartbeat_ms);
+    } else if (f->type == SP_WIRE_LIVE_REQUEST) {
+        /* Three tokens, the last one finishing, then the request's usage. */
+        static const char *const pieces[] = {"a", "b", "c"};
+        for (int i = 0; i < 3; i++) {
+            struct sp_wire_frame t = {.type = SP_WIRE_TOKENS};
+            int32_t id = 100 + i;
+            t.tokens.request_id = f->live.request_id;
+            t.tokens.token_ids = &id;
+            t.tokens.n_token_ids = 1;
+            t.tokens.text = pieces[i];
+            t.tokens.text_len = 1;
+            t.tokens.finish_reason = i == 2 ? "stop" : NULL;
+            send_frame(w, &t);
+        }
+        struct sp_wire_frame u = {.type = SP_WIRE_USAGE};
+        u.usage = (struct sp_wire_usage){.has_request_id = true,
+                                         .request_id = f->live.request_id,
+                                         .tokens_in = 7,
+                                         .tokens_out = 3};
+        send_frame(w, &u);
+        w->n_live++;
     } else if (f->type == SP_WIRE_ASSIGN && !w->assigned) {
         w->assigned = true;
         w->shard = f->assign.shard_id;
@@ -292,6 +317,47 @@ static void expect(const char *prefix, double v)
     }
 }
 
+/*
+ * POST /v1/completions with curl in a child process while the loop runs (the
+ * fake worker answering it lives on this loop); returns the HTTP status.
+ */
+static pid_t curl_pid;
+static int curl_status;
+static bool curl_done(void *arg)
+{
+    (void)arg;
+    return waitpid(curl_pid, &curl_status, WNOHANG) == curl_pid;
+}
+
+static int post_completion(const char *key)
+{
+    char out[400], auth[200];
+    snprintf(out, sizeof out, "%s/live", tmpdir);
+    snprintf(auth, sizeof auth, "Authorization: Bearer %s", key);
+    char url[100];
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/completions", http_port);
+    curl_pid = fork();
+    assert_true(curl_pid >= 0);
+    if (curl_pid == 0) {
+        int fd = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        if (fd < 0 || dup2(fd, 1) < 0)
+            _exit(127);
+        execlp("curl", "curl", "-sS", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}",
+               "-H", auth, "-H", "Content-Type: application/json", "-d",
+               "{\"model\": \"m\", \"prompt\": \"hi\", \"max_tokens\": 3}", url, (char *)NULL);
+        _exit(127);
+    }
+    assert_true(wait_until(curl_done, NULL, WAIT_MS));
+    assert_true(WIFEXITED(curl_status) && WEXITSTATUS(curl_status) == 0);
+    FILE *fp = fopen(out, "r");
+    assert_non_null(fp);
+    int code = 0;
+    assert_int_equal(fscanf(fp, "%d", &code), 1);
+    fclose(fp);
+    unlink(out);
+    return code;
+}
+
 /* ---- The test ----------------------------------------------------------- */
 
 static void metrics_follow_the_worker(void **state)
@@ -324,6 +390,9 @@ static void metrics_follow_the_worker(void **state)
     assert_non_null(strstr(t, "# TYPE spool_time_to_first_token_seconds histogram\n"));
     free(t);
 
+    ok("INSERT INTO spool.models (name, version, digest, uri, size_bytes, architecture, dtype, "
+       "n_params, context_length) VALUES ('m', 1, '%s', 'file:///m', 1, 'llama', 'bf16', 1, 2048)",
+       DIGEST);
     struct fw w = {.beat = {.free_slots = 5,
                             .kv_blocks_free = 30,
                             .kv_blocks_total = 128,
@@ -346,10 +415,38 @@ static void metrics_follow_the_worker(void **state)
     expect("spool_worker_running_sequences{worker=\"fw-\\\"metrics\\\"\"}", 6);
     expect("spool_worker_kv_blocks_used{worker=\"fw-\\\"metrics\\\"\"}", 128);
 
+    /* A live request: its status, tokens and latencies. */
+    char *key = NULL;
+    {
+        PGresult *r = PQexec(db, "SELECT key FROM spool.create_api_key('acme', 'metrics', "
+                                 "'{inference}')");
+        assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+        key = strdup(PQgetvalue(r, 0, 0));
+        PQclear(r);
+    }
+    assert_int_equal(post_completion(key), 200);
+    assert_int_equal(w.n_live, 1);
+    expect("spool_requests_total{lane=\"live\",model=\"m@1\",status=\"200\"}", 1);
+    t = scrape();
+    assert_true(value_of(t, "spool_tokens_total{direction=\"in\",lane=\"live\",model=\"m@1\"}") ==
+                7);
+    assert_true(value_of(t, "spool_tokens_total{direction=\"out\",lane=\"live\",model=\"m@1\"}") ==
+                3);
+    assert_true(
+        value_of(t, "spool_time_to_first_token_seconds_count{lane=\"live\",model=\"m@1\"}") == 1);
+    assert_true(value_of(t, "spool_time_to_first_token_seconds_sum{lane=\"live\",model=\"m@1\"}") >
+                0);
+    assert_true(
+        value_of(t, "spool_time_per_output_token_seconds_count{lane=\"live\",model=\"m@1\"}") == 1);
+    assert_true(value_of(t, "spool_request_duration_seconds_count{lane=\"live\",model=\"m@1\"}") ==
+                1);
+    /* The first token came before the last byte. */
+    assert_true(value_of(t, "spool_time_to_first_token_seconds_sum{lane=\"live\",model=\"m@1\"}") <=
+                value_of(t, "spool_request_duration_seconds_sum{lane=\"live\",model=\"m@1\"}"));
+    free(t);
+    free(key);
+
     /* A batch shard: PROGRESS, USAGE, DONE. */
-    ok("INSERT INTO spool.models (name, version, digest, uri, size_bytes, architecture, dtype, "
-       "n_params, context_length) VALUES ('m', 1, '%s', 'file:///m', 1, 'llama', 'bf16', 1, 2048)",
-       DIGEST);
     long long job = num("SELECT spool.submit_job('m', 'acme', '{}', 0)");
     ok("INSERT INTO spool.requests (job_id, prompt) SELECT %lld, 'p' || g FROM "
        "generate_series(1, 4) g",
