@@ -43,6 +43,7 @@
 
 #include "auth.h"
 #include "live.h"
+#include "metrics.h"
 #include "models.h"
 #include "oai_batch.h"
 #include "scheduler.h"
@@ -75,6 +76,7 @@ static const struct {
     {sched_models_routes, &sched_models_n_routes},
     {sched_live_routes, &sched_live_n_routes},
     {sched_batch_routes, &sched_batch_n_routes},
+    {sched_metrics_routes, &sched_metrics_n_routes},
 };
 
 /* ---- State --------------------------------------------------------------- */

@@ -17,6 +17,7 @@
  * grown), from a prefix and suffix made once per request.
  */
 #include "live.h"
+#include "metrics.h"
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -156,15 +157,12 @@ static void live_finish(struct live_req *r, int status)
 
     double end = now_s();
     double started = r->started;
-    /*
-     * Metrics and the live-request log (integration point): the request's
-     * figures are all here.
-     *   ttft_s    = r->t_first > 0 ? r->t_first - started : -1
-     *   tpot_s    = tokens_out > 1 ? (end - r->t_first) / (tokens_out - 1) : -1
-     *   latency_s = end - started
-     * sched_metrics_live_done(s, r->label, status, ttft_s, tpot_s, latency_s,
-     *                         r->tokens_in, r->tokens_out);
-     */
+    /* Counted in the metrics and the rate limits, and logged, off the path of any token. */
+    double ttft_s = r->t_first > 0 ? r->t_first - started : -1;
+    double tpot_s =
+        r->t_first > 0 && r->tokens_out > 1 ? (end - r->t_first) / (double)(r->tokens_out - 1) : -1;
+    sched_metrics_live_done(s, r->label, status, ttft_s, tpot_s, end - started, r->tokens_in,
+                            r->tokens_out);
     if (r->rate_charged) /* the real count replaces the estimate taken at admission */
         sched_rate_settle(s, &r->who,
                           (int64_t)r->tokens_in + r->tokens_out - (int64_t)r->rate_tokens);

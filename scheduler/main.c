@@ -10,6 +10,7 @@
  */
 #include "scheduler.h"
 #include "livelog.h"
+#include "metrics.h"
 #include "ratelimit.h"
 
 #include <errno.h>
@@ -278,8 +279,9 @@ int main(int argc, char **argv)
 
     s->loop = uv_default_loop();
     int rc;
-    if ((rc = sched_db_open(s)) != 0 || (rc = sched_leader_start(s)) != 0 ||
-        (rc = sched_sweep_init(s)) != 0 || (rc = sched_livelog_init(s, NULL)) != 0) {
+    if ((rc = sched_metrics_init(s)) != 0 || (rc = sched_db_open(s)) != 0 ||
+        (rc = sched_leader_start(s)) != 0 || (rc = sched_sweep_init(s)) != 0 ||
+        (rc = sched_livelog_init(s, NULL)) != 0) {
         sp_error("cannot start: %s (check --dsn)", sp_strerror(rc));
         return 1;
     }
@@ -301,6 +303,7 @@ int main(int argc, char **argv)
     rc = uv_loop_close(s->loop);
     if (rc)
         sp_warn("loop closed with handles open: %s", uv_strerror(rc));
+    sched_metrics_stop(s);
     sp_info("stopped");
     return s->exit_code;
 }

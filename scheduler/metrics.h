@@ -11,6 +11,7 @@
 #ifndef SPOOL_SCHEDULER_METRICS_H
 #define SPOOL_SCHEDULER_METRICS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "http.h"
@@ -33,6 +34,33 @@ void sched_metrics_batch_tokens(struct sched *s, const char *model, uint64_t tok
                                 uint64_t tokens_out);
 /* A worker reported a preemption notice (source: "sigterm", "aws", ...). */
 void sched_metrics_preemption(struct sched *s, const char *source);
+
+/*
+ * Batch-lane bookkeeping from the worker protocol (sweep.c, workers.c).
+ * The scheduler remembers, per (worker, shard), the model it assigned and
+ * the output tokens already counted, so that PROGRESS (cumulative
+ * tokens_out) and the shard's final USAGE feed sched_metrics_batch_tokens
+ * with increments and nothing is counted twice. A shard it did not assign
+ * (one leased by a scheduler before a failover) counts under model
+ * "unknown". DONE counts the shard's requests by status (succeeded,
+ * failed); requests finished before a RELEASE are not counted.
+ */
+void sched_metrics_shard_assigned(struct sched *s, int64_t worker_id, uint64_t shard_id,
+                                  const char *model_name, uint32_t model_version);
+void sched_metrics_shard_progress(struct sched *s, int64_t worker_id, uint64_t shard_id,
+                                  uint64_t tokens_out);
+void sched_metrics_shard_usage(struct sched *s, int64_t worker_id, uint64_t shard_id,
+                               uint64_t tokens_in, uint64_t tokens_out);
+/* DONE (succeeded, failed) or RELEASE (0, 0): the shard leaves the worker. */
+void sched_metrics_shard_end(struct sched *s, int64_t worker_id, uint64_t shard_id,
+                             uint64_t succeeded, uint64_t failed);
+
+/*
+ * Renders every metric (worker gauges refreshed first) into a new buffer
+ * (*out, the caller frees it) of *len bytes. Returns 0, SP_ESTATE before
+ * sched_metrics_init, or SP_ENOMEM. The GET /metrics handler sends this.
+ */
+int sched_metrics_render(struct sched *s, char **out, size_t *len);
 
 /* The route table entry for GET /metrics (no key needed). */
 extern const struct sh_route sched_metrics_routes[];

@@ -79,6 +79,9 @@ struct sched_worker {
     size_t n_digests;
     int64_t load;           /* requests leased to it, from the last sweep plus placements since */
     uint32_t live_inflight; /* live requests sent to it and not finished (live.c) */
+    /* For the metrics: capacity from REGISTER, the rest from the last HEARTBEAT. */
+    enum sp_wire_capacity capacity;
+    uint32_t kv_blocks_free, kv_blocks_total, running, queued;
 };
 
 struct sched {
@@ -111,6 +114,8 @@ struct sched {
     struct sh_server *http;  /* the HTTP front (http.c), every role */
     struct sched_auth *auth; /* API key cache (auth.c) */
     struct live_state *live; /* live requests in flight (live.c) */
+    /* metrics.c's state (metrics.h); NULL before sched_metrics_init. */
+    struct sched_metrics *metrics;
 };
 
 /* main.c */

@@ -21,6 +21,7 @@
  * scheduler that stepped down meanwhile stops the chain.
  */
 #include "scheduler.h"
+#include "metrics.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -90,6 +91,8 @@ static void on_lease(sp_pgconn_t *c, PGresult *res, const char *err, void *arg)
             };
             if (sp_wire_conn_send(w->conn, &f) == 0) {
                 sched_worker_add_digest(w, lc->digest);
+                sched_metrics_shard_assigned(sw->s, w->id, lc->shard_id, lc->model_name,
+                                             lc->model_version);
                 sp_info("assigned shard %" PRIu64 " of job %" PRIu64 " to worker %" PRId64
                         " (%s), token %" PRIu64,
                         lc->shard_id, lc->job_id, w->id, w->name, token);

@@ -18,6 +18,9 @@
  *   TOKENS, and USAGE or ERROR naming a live request: live.c
  *   USAGE, ERROR (others)  logged (cost accounting is elsewhere)
  *
+ * HEARTBEAT, PROGRESS, DONE, RELEASE, DRAIN and a shard's USAGE also feed
+ * the metrics (metrics.h).
+ *
  * A frame only the scheduler may send, any frame before REGISTER, or any
  * frame while REGISTER is being recorded is answered with ERROR SP_EPROTO
  * and the connection is closed. A connection that ends without GOODBYE
@@ -25,6 +28,7 @@
  * be alive and writing, which its lease token makes safe).
  */
 #include "scheduler.h"
+#include "metrics.h"
 
 #include <inttypes.h>
 #include <stdio.h>
@@ -193,6 +197,7 @@ static void handle_register(struct sched_worker *w, const struct sp_wire_registe
 {
     snprintf(w->name, sizeof w->name, "%s", r->name);
     w->max_batch = r->max_batch;
+    w->capacity = r->capacity;
     json_t *models = json_array();
     for (uint32_t i = 0; i < r->n_models; i++) {
         json_array_append_new(models, json_pack("{s:s, s:i, s:s}", "name", r->models[i].name,
@@ -279,6 +284,10 @@ static void on_frame(sp_wire_conn_t *c, struct sp_wire_frame *f)
             return;
         }
         w->free_slots = f->heartbeat.free_slots;
+        w->kv_blocks_free = f->heartbeat.kv_blocks_free;
+        w->kv_blocks_total = f->heartbeat.kv_blocks_total;
+        w->running = f->heartbeat.running;
+        w->queued = f->heartbeat.queued;
         w->last_beat = uv_now(s->loop);
         const char *p[] = {id, s->ttl_interval};
         query_for(w, "renewing leases", "SELECT spool.renew_leases($1, $2::interval)", 2, p, NULL);
@@ -287,20 +296,24 @@ static void on_frame(sp_wire_conn_t *c, struct sp_wire_frame *f)
     case SP_WIRE_PROGRESS:
         sp_debug("worker %s: shard %" PRIu64 ": %" PRIu64 " requests done, %" PRIu64 " tokens", id,
                  f->progress.shard_id, f->progress.requests_done, f->progress.tokens_out);
+        sched_metrics_shard_progress(s, w->id, f->progress.shard_id, f->progress.tokens_out);
         break;
     case SP_WIRE_DONE:
         sp_info("worker %s: shard %" PRIu64 " done (%" PRIu64 " succeeded, %" PRIu64 " failed)", id,
                 f->done.shard_id, f->done.succeeded, f->done.failed);
+        sched_metrics_shard_end(s, w->id, f->done.shard_id, f->done.succeeded, f->done.failed);
         release(w, f->done.shard_id, f->done.lease_token, "done");
         break;
     case SP_WIRE_RELEASE:
         sp_info("worker %s: gives back shard %" PRIu64 " (%s)", id, f->release.shard_id,
                 f->release.reason);
+        sched_metrics_shard_end(s, w->id, f->release.shard_id, 0, 0);
         release(w, f->release.shard_id, f->release.lease_token, f->release.reason);
         break;
     case SP_WIRE_DRAIN: {
         sp_info("worker %s: draining (%s, %u ms)", id, f->drain.reason, f->drain.deadline_ms);
         w->state = SW_DRAINING;
+        sched_metrics_preemption(s, f->drain.reason);
         const char *p[] = {id, f->drain.reason};
         query_for(w, "recording its preemption", "SELECT spool.worker_draining($1, $2)", 2, p,
                   NULL);
@@ -321,6 +334,9 @@ static void on_frame(sp_wire_conn_t *c, struct sp_wire_frame *f)
         snprintf(b, sizeof b, "%" PRIu64, f->usage.tokens_out);
         sp_debug("worker %s: usage: %s tokens in, %s out, %.3f GPU s", id, a, b,
                  f->usage.gpu_seconds);
+        if (f->usage.has_shard_id)
+            sched_metrics_shard_usage(s, w->id, f->usage.shard_id, f->usage.tokens_in,
+                                      f->usage.tokens_out);
         break;
     case SP_WIRE_ERROR:
         sp_warn("worker %s reports %s: %s", id, f->error.code, f->error.message);
