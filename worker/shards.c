@@ -12,16 +12,26 @@
  * ("lease lost"), the shard's sequences are cancelled in the engine and its
  * unwritten results dropped: nothing more is written for it.
  *
- * GPU time: the engine does not report per-sequence work yet, so the wall
- * time of each step is divided equally among the sequences that produced a
- * token in it (prefill chunks that produce no token are charged to the
- * step's tokens).
+ * GPU time: each step's wall time, as the engine reports it in its usage, is
+ * split among the sequences in it by the tokens each computed
+ * (gpu_time.c), so a long prompt's prefill costs its request more than a
+ * decode token costs another's.
+ *
+ * Test aid: with SPOOL_WORKER_TRACE=PATH every sequence's progress is
+ * appended to PATH, one line per event, "REALTIME_NS PID REQUEST KIND N":
+ * kind S when the request enters the engine (N = the checkpointed tokens it
+ * resumes from), G after each step that gave it a token (N = its generated
+ * tokens, resumed ones included). Each step's lines go out in one write(2)
+ * right after the step and before any checkpoint of it, so they survive a
+ * kill -9 (tests/e2e/batch.sh kill measures recomputed tokens with them).
  */
 #include "worker.h"
 
 #include "spool/error.h"
 #include "spool/log.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,16 +42,36 @@
 #define WK_FLUSH_MS      100
 #define WK_FLUSH_RESULTS 64
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 static void u64s(char *buf, uint64_t v)
 {
     snprintf(buf, 24, "%" PRIu64, v);
+}
+
+/* ---- Progress trace (test aid) ---- */
+
+static char trace_buf[16384];
+static size_t trace_len;
+
+static void trace_flush(struct worker *w)
+{
+    if (w->trace_fd >= 0 && trace_len) {
+        ssize_t n = write(w->trace_fd, trace_buf, trace_len);
+        (void)n;
+    }
+    trace_len = 0;
+}
+
+static void trace_add(struct worker *w, uint64_t req, char kind, int n)
+{
+    if (w->trace_fd < 0)
+        return;
+    if (trace_len + 96 > sizeof(trace_buf))
+        trace_flush(w);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    trace_len += (size_t)snprintf(
+        trace_buf + trace_len, sizeof(trace_buf) - trace_len, "%" PRId64 " %d %" PRIu64 " %c %d\n",
+        (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec, (int)getpid(), req, kind, n);
 }
 
 /* ---- Shard and sequence bookkeeping ---- */
@@ -435,18 +465,31 @@ static void on_step(uv_timer_t *t)
         return;
     }
     const struct se_event *ev;
-    double t0 = now_s();
     int n = se_engine_step(w->eng, &ev);
-    double dt = now_s() - t0;
     if (n < 0) {
         engine_failed(w, n);
         w->stepping = false;
         return;
     }
-    int n_tok = 0;
-    for (int i = 0; i < n; i++)
-        n_tok += ev[i].token >= 0;
-    double share = n_tok ? dt / n_tok : 0;
+    /*
+     * The step's time, by each sequence's work in it. Every sequence listed
+     * is still alive here: one that finished in this step is freed below,
+     * with its event.
+     */
+    const struct se_step_usage *u = se_engine_last_usage(w->eng);
+    long weight = wk_gpu_weight(u);
+    for (int i = 0; i < u->n_seqs; i++) {
+        struct wk_seq *q = (struct wk_seq *)(uintptr_t)u->seqs[i].user;
+        q->gpu_s += wk_gpu_share(u, weight, i);
+    }
+    if (w->trace_fd >= 0) {
+        for (int i = 0; i < n; i++) {
+            const struct wk_seq *q = (const struct wk_seq *)(uintptr_t)ev[i].user;
+            if (q->shard && ev[i].token >= 0)
+                trace_add(w, q->req_id, 'G', ev[i].n_generated);
+        }
+        trace_flush(w);
+    }
     for (int i = 0; i < n; i++) {
         struct wk_seq *q = (struct wk_seq *)(uintptr_t)ev[i].user;
         if (!q->shard) { /* cancelled with a lost shard */
@@ -454,8 +497,6 @@ static void on_step(uv_timer_t *t)
                 free_orphan(w, q);
             continue;
         }
-        if (ev[i].token >= 0)
-            q->gpu_s += share;
         if (ev[i].text_len && !seq_append(q, ev[i].text, ev[i].text_len))
             sp_error("out of memory keeping the output of request %" PRIu64, q->req_id);
         if (ev[i].finish != SE_FINISH_NONE)
@@ -628,6 +669,7 @@ static int submit_row(struct worker *w, struct wk_shard *s, json_t *jparams, uin
     q->next = s->seqs;
     s->seqs = q;
     s->n_inflight++;
+    trace_add(w, id, 'S', (int)n_resume);
     q = NULL;
 out:
     seq_free(q);
@@ -752,6 +794,7 @@ void wk_shard_assign(struct worker *w, const struct sp_wire_assign *a)
 #undef COL
     }
     PQclear(r);
+    trace_flush(w);
     json_decref(jparams);
     sp_info("shard %" PRIu64 ": %d requests started (%d resumed from checkpoints), %" PRIu64
             " refused",
@@ -821,6 +864,13 @@ void wk_shards_start(struct worker *w)
     uint64_t ck = (uint64_t)(w->cfg.checkpoint_seconds * 1000);
     if (ck)
         uv_timer_start(&w->ckpt_timer, on_ckpt, ck, ck);
+    w->trace_fd = -1;
+    const char *trace = getenv("SPOOL_WORKER_TRACE");
+    if (trace && *trace) {
+        w->trace_fd = open(trace, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+        if (w->trace_fd < 0)
+            sp_warn("SPOOL_WORKER_TRACE: cannot open %s: %s", trace, strerror(errno));
+    }
 }
 
 void wk_shards_stop(struct worker *w)
@@ -828,6 +878,10 @@ void wk_shards_stop(struct worker *w)
     uv_close((uv_handle_t *)&w->step_timer, NULL);
     uv_close((uv_handle_t *)&w->flush_timer, NULL);
     uv_close((uv_handle_t *)&w->ckpt_timer, NULL);
+    trace_flush(w);
+    if (w->trace_fd >= 0)
+        close(w->trace_fd);
+    w->trace_fd = -1;
     while (w->shards) {
         struct wk_shard *s = w->shards;
         while (s->seqs) {
