@@ -17,6 +17,10 @@
 #          nothing more for the shards it lost.
 #   cancel spool.cancel_job mid-job: no request changes state afterwards
 #          except to cancelled, and finished results are kept.
+#   preempt  three workers preempted in turn while w2 runs throughout: w1 by
+#          SIGTERM, w3 by its notice file, w4 by a fake AWS metadata endpoint
+#          (fake_aws.py); each must exit 0 within its --drain-deadline, and
+#          spool.preemptions must hold its row with that source.
 #   failover  kill -9 of the active scheduler with a standby running.
 #   pgrestart PostgreSQL stopped and started again mid-job.
 set -euo pipefail
@@ -82,9 +86,9 @@ fi
 n_workers=0
 declare -A wpid
 ckpt_tokens=2
-start_worker() { # start_worker NAME: starts a worker, records its pid in wpid[NAME]
+start_worker() { # start_worker NAME [ARGS...]: starts a worker, records its pid in wpid[NAME]
     SPOOL_WORKER_TRACE=$h/trace-$1.txt "$worker" --scheduler "127.0.0.1:$port" --name "$1" --threads 1 \
-        --checkpoint-tokens $ckpt_tokens --checkpoint-seconds 1 --model-cache "$h/cache-$1" \
+        --checkpoint-tokens $ckpt_tokens --checkpoint-seconds 1 --model-cache "$h/cache-$1" "${@:2}" \
         >"$h/worker-$1.log" 2>&1 &
     pids+=($!)
     wpid[$1]=$!
@@ -96,8 +100,10 @@ if [ "$scenario" != plain ]; then
     # Fewer, slower steps, so that the disturbances land mid-job.
     n=600
     export SPOOL_WORKER_STEP_DELAY_MS=30
-    # Five kills, each followed by a 2 s lease expiry, must land mid-job.
-    [ "$scenario" = kill ] && export SPOOL_WORKER_STEP_DELAY_MS=60
+    # Five kills, each followed by a 2 s lease expiry, or three preemptions
+    # one after the other, must land mid-job.
+    case $scenario in kill | preempt) export SPOOL_WORKER_STEP_DELAY_MS=60 ;; esac
+    [ "$scenario" = preempt ] && n=900
 fi
 params='{"max_tokens": 8, "temperature": 0.8, "top_p": 0.95, "seed": 42}'
 job=$(q "SELECT spool.submit_job('tiny@prod', 'e2e', '$params')")
@@ -149,6 +155,50 @@ kill)
         kills=$((kills + 1))
     done
     [ $kills = 5 ] || fail "the job finished after only $kills kills"
+    ;;
+preempt)
+    drain=5
+    worker_id() { q "SELECT coalesce(max(id), 0) FROM spool.workers WHERE name = '$1'"; }
+    wait_holding() { # wait_holding NAME: until the worker holds a leased shard of the job
+        for _ in $(seq 1 600); do
+            [ "$(q "SELECT count(*) FROM spool.shards WHERE job_id = $job AND state = 'leased'
+                     AND worker_id = $(worker_id "$1")")" -gt 0 ] && return 0
+            finished && fail "the job finished before $1 was preempted"
+            sleep 0.05
+        done
+        fail "$1 never held a shard"
+    }
+    preempt() { # preempt NAME SOURCE SLACK ACTION...: runs ACTION, then waits for NAME to exit
+        local name=$1 source=$2 slack=$3 rc=0
+        shift 3
+        wait_holding "$name"
+        local t0 t1
+        t0=$(date +%s.%N)
+        "$@"
+        wait "${wpid[$name]}" || rc=$?
+        t1=$(date +%s.%N)
+        unset "wpid[$name]"
+        local took
+        took=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
+        echo "$name preempted by $source after $(count_done) requests: exited $rc in $took s"
+        [ $rc = 0 ] || fail "$name exited $rc after its $source notice (1: drain deadline missed)"
+        # The notice is seen within the source's polling period (slack), the
+        # drain must end within the deadline after that.
+        awk -v t="$took" -v d="$drain" -v s="$slack" 'BEGIN {exit !(t <= d + s)}' ||
+            fail "$name took $took s to exit, past its $drain s drain deadline"
+        preempted+=("$name:$source")
+    }
+    preempted=()
+    python3 "$(dirname "$0")/fake_aws.py" "$h/aws-notice" "$h/aws.port" >"$h/fake-aws.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do [ -s "$h/aws.port" ] && break; sleep 0.1; done
+    [ -s "$h/aws.port" ] || fail "the fake AWS endpoint did not start"
+    wait_done $((n / 10))
+    preempt w1 sigterm 0 kill -TERM "${wpid[w1]}"
+    start_worker w3 --drain-deadline $drain --preempt-notice "file:$h/notice-w3"
+    preempt w3 notice-file 0.25 touch "$h/notice-w3"
+    start_worker w4 --drain-deadline $drain --preempt-notice "aws:http://127.0.0.1:$(cat "$h/aws.port")"
+    preempt w4 aws 1 touch "$h/aws-notice"
     ;;
 stop)
     wait_done $((n / 5))
@@ -286,6 +336,33 @@ if len(ref) != len(rows):
 print(f"{compared} outputs compared with spool generate, {bad} differ")
 sys.exit(1 if bad else 0)
 EOF
+if [ "$scenario" = preempt ]; then
+    # Each preempted worker recorded its preemption with its source, having
+    # released shards and checkpointed every sequence it had (nothing lost);
+    # the scheduler's own row for the DRAIN frame may stand beside it.
+    seqs=0
+    for p in "${preempted[@]}"; do
+        name=${p%%:*} source=${p#*:}
+        row=$(q "SELECT p.shards_released || ' ' || p.sequences || ' ' || p.tokens_lost
+                   FROM spool.preemptions p JOIN spool.workers w ON w.id = p.worker_id
+                  WHERE w.name = '$name' AND p.source = '$source' ORDER BY p.id DESC LIMIT 1")
+        [ -n "$row" ] || fail "no preemption row for $name with source $source: $(q "SELECT
+            string_agg(p.source, ', ') FROM spool.preemptions p JOIN spool.workers w ON w.id = p.worker_id
+            WHERE w.name = '$name'")"
+        read -r shards n_seq lost <<<"$row"
+        [ "$shards" -ge 1 ] && [ "$lost" = 0 ] ||
+            fail "$name's preemption row: $shards shards released, $lost tokens lost"
+        echo "preemption of $name ($source): $shards shards released, $n_seq sequences checkpointed"
+        seqs=$((seqs + n_seq))
+    done
+    [ "$seqs" -gt 0 ] || fail "no preemption interrupted a sequence"
+    # Requests that entered an engine with checkpointed tokens (trace lines "S N", N > 0).
+    resumed=$(cat "$h"/trace-*.txt | awk '$4 == "S" && $5 > 0 {print $3}' | sort -u | wc -l)
+    [ "$resumed" -gt 0 ] || fail "no request was resumed from a checkpoint"
+    on_w2=$(q "SELECT count(*) FROM spool.requests WHERE job_id = $job AND worker_id = $(worker_id w2)")
+    [ "$on_w2" -gt 0 ] || fail "w2 finished nothing"
+    echo "$resumed requests resumed from checkpoints; w2 finished $on_w2 requests"
+fi
 if [ "$scenario" = kill ]; then
     # Recomputed tokens, per interrupted sequence, from the progress traces:
     # an attempt a of a request on a killed worker, followed by attempt b
