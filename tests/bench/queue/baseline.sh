@@ -28,8 +28,14 @@ SELECT spool.submit_job('bench') AS job \gset
 COPY spool.requests (job_id, custom_id, prompt) FROM PROGRAM 'seq 1 $n | sed "s/^/1\tr/; s/\$/\tprompt text of a typical short request/"';
 SELECT spool.seal_job(1);
 -- A raw queue claims rows by state, so it needs what Spool's schema leaves out
--- on purpose (Spool claims shards, not requests): an index on the unfinished rows.
-CREATE INDEX requests_bench_pending ON spool.requests (id) WHERE state = 'pending';
+-- on purpose (Spool claims shards, not requests): an index on the unfinished
+-- rows. It leads with job_id so that it matches the claim's whole WHERE
+-- clause: with an index on (id) alone, fresh statistics (25% of the rows
+-- pending, say) make the planner prefer requests_job (job_id, id) and
+-- filter state, walking over every finished row of the job before the
+-- first pending one (EXPLAIN ANALYZE at 150,000 of 200,000 done: 261 ms per
+-- claim, against 0.2 ms through this index).
+CREATE INDEX requests_bench_pending ON spool.requests (job_id, id) WHERE state = 'pending';
 -- ... and autovacuum tuned for a queue table, so that the planner keeps
 -- seeing how few rows are still pending.
 ALTER TABLE spool.requests SET (autovacuum_vacuum_threshold = 2000, autovacuum_vacuum_scale_factor = 0,
