@@ -103,7 +103,7 @@ if [ "$scenario" != plain ]; then
     # Five kills, each followed by a 2 s lease expiry, or three preemptions
     # one after the other, must land mid-job.
     case $scenario in kill | preempt) export SPOOL_WORKER_STEP_DELAY_MS=60 ;; esac
-    [ "$scenario" = preempt ] && n=900
+    case $scenario in kill | preempt) n=900 ;; esac
 fi
 params='{"max_tokens": 8, "temperature": 0.8, "top_p": 0.95, "seed": 42}'
 job=$(q "SELECT spool.submit_job('tiny@prod', 'e2e', '$params')")
