@@ -474,7 +474,9 @@ static void on_step(uv_timer_t *t)
     /*
      * The step's time, by each sequence's work in it. Every sequence listed
      * is still alive here: one that finished in this step is freed below,
-     * with its event.
+     * with its event. Every user tag in this engine is a struct wk_seq; work
+     * of another kind sharing the engine (live requests) must be told apart
+     * here as in the event loop below.
      */
     const struct se_step_usage *u = se_engine_last_usage(w->eng);
     long weight = wk_gpu_weight(u);
