@@ -4,7 +4,8 @@
 # scheduler and two workers on the engine's null backend (no arithmetic), so
 # that the queue, the wire protocol and the result writes are what is
 # measured. Then tests/bench/queue/baseline.sh's raw PostgreSQL figure, in the
-# same run, for comparison. Prints figures; asserts nothing.
+# same run, for comparison, over the same number of requests. Prints figures;
+# asserts nothing.
 #
 # usage: tests/bench/queue/run.sh [BUILD-DIR] [REQUESTS] [WORKERS]
 set -euo pipefail
@@ -77,6 +78,6 @@ echo "spool: $n requests (max_tokens 4, null backend, $n_workers workers): job $
 echo "spool_requests_per_s $rate"
 cleanup
 trap - EXIT
-base=$("$here/baseline.sh" "$spool" 2>/dev/null | awk '/baseline_requests_per_s/ {print $2}')
+base=$("$here/baseline.sh" "$spool" "$n" 2>/dev/null | awk '/baseline_requests_per_s/ {print $2}')
 echo "baseline_requests_per_s $base"
 awk -v s="$rate" -v b="$base" 'BEGIN {printf "spool/baseline %.2f\n", s / b}'
