@@ -16,15 +16,26 @@
  * are sorted by the sequence's tag, live ones first, so their TOKENS leave
  * before any batch result is written to PostgreSQL.
  *
- * GPU time: the wall time of each step (se_engine_last_usage) is divided
- * among the sequences in proportion to the tokens the step computed for
- * them (prompt, recomputed and decode tokens; prefix-cache hits cost nothing).
+ * GPU time: each step's wall time, as the engine reports it in its usage, is
+ * split among the sequences in it by the tokens each computed
+ * (gpu_time.c), so a long prompt's prefill costs its request more than a
+ * decode token costs another's.
+ *
+ * Test aid: with SPOOL_WORKER_TRACE=PATH every sequence's progress is
+ * appended to PATH, one line per event, "REALTIME_NS PID REQUEST KIND N":
+ * kind S when the request enters the engine (N = the checkpointed tokens it
+ * resumes from), G after each step that gave it a token (N = its generated
+ * tokens, resumed ones included). Each step's lines go out in one write(2)
+ * right after the step and before any checkpoint of it, so they survive a
+ * kill -9 (tests/e2e/batch.sh kill measures recomputed tokens with them).
  */
 #include "worker.h"
 
 #include "spool/error.h"
 #include "spool/log.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,6 +48,33 @@
 static void u64s(char *buf, uint64_t v)
 {
     snprintf(buf, 24, "%" PRIu64, v);
+}
+
+/* ---- Progress trace (test aid) ---- */
+
+static char trace_buf[16384];
+static size_t trace_len;
+
+static void trace_flush(struct worker *w)
+{
+    if (w->trace_fd >= 0 && trace_len) {
+        ssize_t n = write(w->trace_fd, trace_buf, trace_len);
+        (void)n;
+    }
+    trace_len = 0;
+}
+
+static void trace_add(struct worker *w, uint64_t req, char kind, int n)
+{
+    if (w->trace_fd < 0)
+        return;
+    if (trace_len + 96 > sizeof(trace_buf))
+        trace_flush(w);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    trace_len += (size_t)snprintf(
+        trace_buf + trace_len, sizeof(trace_buf) - trace_len, "%" PRId64 " %d %" PRIu64 " %c %d\n",
+        (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec, (int)getpid(), req, kind, n);
 }
 
 /* ---- Shard and sequence bookkeeping ---- */
@@ -430,16 +468,16 @@ static void engine_failed(struct worker *w, int rc)
 /* Divides the last step's wall time among its sequences by the tokens computed for each. */
 static void charge_step(struct worker *w)
 {
+    /*
+     * The step's time, by each sequence's work in it (gpu_time.c). Every
+     * sequence listed is still alive here: one that finished in this step is
+     * freed below, with its event. Live sequences carry a tagged pointer.
+     */
     const struct se_step_usage *u = se_engine_last_usage(w->eng);
-    long work = 0;
-    for (int i = 0; i < u->n_seqs; i++)
-        work += u->seqs[i].n_prefill + u->seqs[i].n_recompute + u->seqs[i].n_decode;
-    if (work == 0)
-        return;
-    double per_token = (double)u->wall_ns * 1e-9 / (double)work;
+    long weight = wk_gpu_weight(u);
     for (int i = 0; i < u->n_seqs; i++) {
         const struct se_seq_usage *s = &u->seqs[i];
-        double share = per_token * (s->n_prefill + s->n_recompute + s->n_decode);
+        double share = wk_gpu_share(u, weight, i);
         if (wk_tag_is_live(s->user)) {
             wk_live_charge((struct wk_live *)(uintptr_t)(s->user & ~WK_TAG_LIVE), share);
         } else {
@@ -477,6 +515,16 @@ static void on_step(uv_timer_t *t)
     }
     w->n_steps++;
     charge_step(w);
+    if (w->trace_fd >= 0) {
+        for (int i = 0; i < n; i++) {
+            if (wk_tag_is_live(ev[i].user))
+                continue;
+            const struct wk_seq *q = (const struct wk_seq *)(uintptr_t)ev[i].user;
+            if (q->shard && ev[i].token >= 0)
+                trace_add(w, q->req_id, 'G', ev[i].n_generated);
+        }
+        trace_flush(w);
+    }
     /* Live events first: their frames go out before anything below waits on PostgreSQL. */
     for (int i = 0; i < n; i++)
         if (wk_tag_is_live(ev[i].user))
@@ -662,6 +710,7 @@ static int submit_row(struct worker *w, struct wk_shard *s, json_t *jparams, uin
     q->next = s->seqs;
     s->seqs = q;
     s->n_inflight++;
+    trace_add(w, id, 'S', (int)n_resume);
     q = NULL;
 out:
     seq_free(q);
@@ -786,6 +835,7 @@ void wk_shard_assign(struct worker *w, const struct sp_wire_assign *a)
 #undef COL
     }
     PQclear(r);
+    trace_flush(w);
     json_decref(jparams);
     sp_info("shard %" PRIu64 ": %d requests started (%d resumed from checkpoints), %" PRIu64
             " refused",
@@ -855,6 +905,13 @@ void wk_shards_start(struct worker *w)
     uint64_t ck = (uint64_t)(w->cfg.checkpoint_seconds * 1000);
     if (ck)
         uv_timer_start(&w->ckpt_timer, on_ckpt, ck, ck);
+    w->trace_fd = -1;
+    const char *trace = getenv("SPOOL_WORKER_TRACE");
+    if (trace && *trace) {
+        w->trace_fd = open(trace, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+        if (w->trace_fd < 0)
+            sp_warn("SPOOL_WORKER_TRACE: cannot open %s: %s", trace, strerror(errno));
+    }
 }
 
 void wk_shards_stop(struct worker *w)
@@ -862,6 +919,10 @@ void wk_shards_stop(struct worker *w)
     uv_close((uv_handle_t *)&w->step_timer, NULL);
     uv_close((uv_handle_t *)&w->flush_timer, NULL);
     uv_close((uv_handle_t *)&w->ckpt_timer, NULL);
+    trace_flush(w);
+    if (w->trace_fd >= 0)
+        close(w->trace_fd);
+    w->trace_fd = -1;
     while (w->shards) {
         struct wk_shard *s = w->shards;
         while (s->seqs) {

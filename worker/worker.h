@@ -10,6 +10,7 @@
  *   live.c        live requests: LIVE_REQUEST in, TOKENS and USAGE out, CANCEL
  *   preempt.c     notice sources (SIGTERM, file, AWS, GCP) and the drain
  *   http.c        a tiny HTTP/1.0 GET client over libuv TCP (metadata polls)
+ *   gpu_time.c    a step's wall time split among its sequences by their work
  *
  * Threading: everything runs on the one libuv loop thread, the engine steps
  * included (one step per loop turn while sequences are active). PostgreSQL
@@ -153,6 +154,8 @@ struct worker {
     /* Shard runner (shards.c). */
     uv_timer_t step_timer, flush_timer, ckpt_timer;
     bool stepping;
+    /* Test aid (SPOOL_WORKER_TRACE=PATH): progress lines appended per step; -1 when off. */
+    int trace_fd;
 
     /* Preemption (preempt.c). */
     uv_timer_t notice_timer, exit_timer;
@@ -280,6 +283,17 @@ void wk_drain(struct worker *w, const char *source, bool preempted);
  * takes work again after its next REGISTERED (a restarted scheduler).
  */
 void wk_drain_shards(struct worker *w, const char *reason);
+
+/* ---- gpu_time.c ---- */
+/* The work of step u: the sum over its sequences of n_prefill + n_recompute + n_decode. */
+long wk_gpu_weight(const struct se_step_usage *u);
+/*
+ * Seconds of step u charged to u->seqs[i], given weight = wk_gpu_weight(u):
+ * wall time x (its n_prefill + n_recompute + n_decode) / weight, or an equal
+ * split when weight is 0. Over i the shares add up to u->wall_ns (0 when the
+ * step lists no sequence).
+ */
+double wk_gpu_share(const struct se_step_usage *u, long weight, int i);
 
 /* ---- http.c ---- */
 /*

@@ -9,12 +9,18 @@
 #
 # Usage: batch.sh SCENARIO SPOOL SCHEDULER WORKER MODELS-DIR
 #   plain  2,000 requests over two workers, undisturbed.
-#   kill   kill -9 of a random worker at seeded random moments, four times,
-#          a replacement started each time.
+#   kill   kill -9 of a random worker at seeded random moments, five times,
+#          a replacement started each time; from the workers' progress traces
+#          (SPOOL_WORKER_TRACE), every sequence a kill interrupted recomputes
+#          at most --checkpoint-tokens generated tokens.
 #   stop   a worker frozen (SIGSTOP) past its lease, then SIGCONT: it writes
 #          nothing more for the shards it lost.
 #   cancel spool.cancel_job mid-job: no request changes state afterwards
 #          except to cancelled, and finished results are kept.
+#   preempt  three workers preempted in turn while w2 runs throughout: w1 by
+#          SIGTERM, w3 by its notice file, w4 by a fake AWS metadata endpoint
+#          (fake_aws.py); each must exit 0 within its --drain-deadline, and
+#          spool.preemptions must hold its row with that source.
 #   failover  kill -9 of the active scheduler with a standby running.
 #   pgrestart PostgreSQL stopped and started again mid-job.
 set -euo pipefail
@@ -79,9 +85,10 @@ fi
 
 n_workers=0
 declare -A wpid
-start_worker() { # start_worker NAME: starts a worker, records its pid in wpid[NAME]
-    "$worker" --scheduler "127.0.0.1:$port" --name "$1" --threads 1 \
-        --checkpoint-tokens 2 --checkpoint-seconds 1 --model-cache "$h/cache-$1" \
+ckpt_tokens=2
+start_worker() { # start_worker NAME [ARGS...]: starts a worker, records its pid in wpid[NAME]
+    SPOOL_WORKER_TRACE=$h/trace-$1.txt "$worker" --scheduler "127.0.0.1:$port" --name "$1" --threads 1 \
+        --checkpoint-tokens $ckpt_tokens --checkpoint-seconds 1 --model-cache "$h/cache-$1" "${@:2}" \
         >"$h/worker-$1.log" 2>&1 &
     pids+=($!)
     wpid[$1]=$!
@@ -93,6 +100,10 @@ if [ "$scenario" != plain ]; then
     # Fewer, slower steps, so that the disturbances land mid-job.
     n=600
     export SPOOL_WORKER_STEP_DELAY_MS=30
+    # Five kills, each followed by a 2 s lease expiry, or three preemptions
+    # one after the other, must land mid-job.
+    case $scenario in kill | preempt) export SPOOL_WORKER_STEP_DELAY_MS=60 ;; esac
+    case $scenario in kill | preempt) n=900 ;; esac
 fi
 params='{"max_tokens": 8, "temperature": 0.8, "top_p": 0.95, "seed": 42}'
 job=$(q "SELECT spool.submit_job('tiny@prod', 'e2e', '$params')")
@@ -131,18 +142,63 @@ kill)
     RANDOM=20261128
     wait_done 1
     kills=0
-    for k in 1 2 3 4; do
+    for k in 1 2 3 4 5; do
         sleep "0.$((RANDOM % 7 + 3))"
         victim=w$((RANDOM % 2 + 1))
         for name in "${!wpid[@]}"; do [[ $name == "$victim"* ]] && victim=$name; done
         finished && break
         echo "kill -9 $victim after $(count_done) requests"
         kill -KILL "${wpid[$victim]}"
+        echo "${wpid[$victim]}" >>"$h/killed"
         unset "wpid[$victim]"
         start_worker "$victim-$k"
         kills=$((kills + 1))
     done
-    [ $kills = 4 ] || fail "the job finished after only $kills kills"
+    [ $kills = 5 ] || fail "the job finished after only $kills kills"
+    ;;
+preempt)
+    drain=5
+    worker_id() { q "SELECT coalesce(max(id), 0) FROM spool.workers WHERE name = '$1'"; }
+    wait_holding() { # wait_holding NAME: until the worker holds a leased shard of the job
+        for _ in $(seq 1 600); do
+            [ "$(q "SELECT count(*) FROM spool.shards WHERE job_id = $job AND state = 'leased'
+                     AND worker_id = $(worker_id "$1")")" -gt 0 ] && return 0
+            finished && fail "the job finished before $1 was preempted"
+            sleep 0.05
+        done
+        fail "$1 never held a shard"
+    }
+    preempt() { # preempt NAME SOURCE SLACK ACTION...: runs ACTION, then waits for NAME to exit
+        local name=$1 source=$2 slack=$3 rc=0
+        shift 3
+        wait_holding "$name"
+        local t0 t1
+        t0=$(date +%s.%N)
+        "$@"
+        wait "${wpid[$name]}" || rc=$?
+        t1=$(date +%s.%N)
+        unset "wpid[$name]"
+        local took
+        took=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
+        echo "$name preempted by $source after $(count_done) requests: exited $rc in $took s"
+        [ $rc = 0 ] || fail "$name exited $rc after its $source notice (1: drain deadline missed)"
+        # The notice is seen within the source's polling period (slack), the
+        # drain must end within the deadline after that.
+        awk -v t="$took" -v d="$drain" -v s="$slack" 'BEGIN {exit !(t <= d + s)}' ||
+            fail "$name took $took s to exit, past its $drain s drain deadline"
+        preempted+=("$name:$source")
+    }
+    preempted=()
+    python3 "$(dirname "$0")/fake_aws.py" "$h/aws-notice" "$h/aws.port" >"$h/fake-aws.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do [ -s "$h/aws.port" ] && break; sleep 0.1; done
+    [ -s "$h/aws.port" ] || fail "the fake AWS endpoint did not start"
+    wait_done $((n / 10))
+    preempt w1 sigterm 0 kill -TERM "${wpid[w1]}"
+    start_worker w3 --drain-deadline $drain --preempt-notice "file:$h/notice-w3"
+    preempt w3 notice-file 0.25 touch "$h/notice-w3"
+    start_worker w4 --drain-deadline $drain --preempt-notice "aws:http://127.0.0.1:$(cat "$h/aws.port")"
+    preempt w4 aws 1 touch "$h/aws-notice"
     ;;
 stop)
     wait_done $((n / 5))
@@ -280,6 +336,101 @@ if len(ref) != len(rows):
 print(f"{compared} outputs compared with spool generate, {bad} differ")
 sys.exit(1 if bad else 0)
 EOF
+if [ "$scenario" = preempt ]; then
+    # Each preempted worker recorded its preemption with its source, having
+    # released shards and checkpointed every sequence it had (nothing lost);
+    # the scheduler's own row for the DRAIN frame may stand beside it.
+    seqs=0
+    for p in "${preempted[@]}"; do
+        name=${p%%:*} source=${p#*:}
+        row=$(q "SELECT p.shards_released || ' ' || p.sequences || ' ' || p.tokens_lost
+                   FROM spool.preemptions p JOIN spool.workers w ON w.id = p.worker_id
+                  WHERE w.name = '$name' AND p.source = '$source' ORDER BY p.id DESC LIMIT 1")
+        [ -n "$row" ] || fail "no preemption row for $name with source $source: $(q "SELECT
+            string_agg(p.source, ', ') FROM spool.preemptions p JOIN spool.workers w ON w.id = p.worker_id
+            WHERE w.name = '$name'")"
+        read -r shards n_seq lost <<<"$row"
+        [ "$shards" -ge 1 ] && [ "$lost" = 0 ] ||
+            fail "$name's preemption row: $shards shards released, $lost tokens lost"
+        echo "preemption of $name ($source): $shards shards released, $n_seq sequences checkpointed"
+        seqs=$((seqs + n_seq))
+    done
+    [ "$seqs" -gt 0 ] || fail "no preemption interrupted a sequence"
+    # Requests that entered an engine with checkpointed tokens (trace lines "S N", N > 0).
+    resumed=$(cat "$h"/trace-*.txt | awk '$4 == "S" && $5 > 0 {print $3}' | sort -u | wc -l)
+    [ "$resumed" -gt 0 ] || fail "no request was resumed from a checkpoint"
+    on_w2=$(q "SELECT count(*) FROM spool.requests WHERE job_id = $job AND worker_id = $(worker_id w2)")
+    [ "$on_w2" -gt 0 ] || fail "w2 finished nothing"
+    echo "$resumed requests resumed from checkpoints; w2 finished $on_w2 requests"
+fi
+if [ "$scenario" = kill ]; then
+    # Recomputed tokens, per interrupted sequence, from the progress traces:
+    # an attempt a of a request on a killed worker, followed by attempt b
+    # (the next start of that request, on any worker), had generated g tokens
+    # by the time b started (its last G line before b's S line) and b resumed
+    # from the checkpoint c (b's S line): b recomputes g - c tokens. A worker
+    # writes a sequence's checkpoint in the same loop turn as the step that
+    # takes it to checkpoint-tokens unsaved tokens, before its next step, and
+    # a step adds at most one token per sequence; so at any instant at most
+    # checkpoint-tokens tokens are unsaved (that many only between that step
+    # and the checkpoint's commit), and g - c <= checkpoint-tokens is what is
+    # asserted. A finished sequence whose result was not yet written is
+    # covered too: its last step came at most checkpoint-tokens tokens after
+    # its last checkpoint. Every request's last attempt must also reach
+    # exactly its stored output's length, or the traces are incomplete.
+    python3 - "$h" "$ckpt_tokens" "$h/results.jsonl" <<'EOF'
+import glob, json, os, sys
+h, K, results = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+killed = {int(l) for l in open(os.path.join(h, "killed"))}
+attempts = {}  # request id -> [{"pid", "t", "n", "g": [(t, n)]}]
+bad = 0
+for path in glob.glob(os.path.join(h, "trace-*.txt")):
+    cur = {}
+    for line in open(path):
+        f = line.split()
+        if len(f) != 5:
+            continue  # cannot happen: each step's lines go out in one write(2)
+        t, pid, req, kind, n = int(f[0]), int(f[1]), int(f[2]), f[3], int(f[4])
+        if kind == "S":
+            a = cur[(pid, req)] = {"pid": pid, "t": t, "n": n, "g": []}
+            attempts.setdefault(req, []).append(a)
+        elif (pid, req) in cur:
+            cur[(pid, req)]["g"].append((t, n))
+        else:
+            print(f"{path}: progress of request {req} before its start")
+            bad += 1
+interrupted = moved = total = worst = 0
+for r in map(json.loads, open(results)):
+    at = sorted(attempts.get(r["id"], []), key=lambda a: a["t"])
+    if not at:
+        print(f"request {r['id']}: no trace")
+        bad += 1
+        continue
+    last = at[-1]
+    if max([n for _, n in last["g"]] + [last["n"]]) != len(r["tokens"] or []):
+        print(f"request {r['id']}: last attempt {last} does not reach {len(r['tokens'] or [])} tokens")
+        bad += 1
+    for a, b in zip(at, at[1:]):
+        if a["pid"] not in killed:
+            continue
+        g = max([n for t, n in a["g"] if t < b["t"]] + [a["n"]])
+        lost = g - b["n"]
+        interrupted += 1
+        moved += g > a["n"]
+        total += lost
+        worst = max(worst, lost)
+        if lost < 0 or lost > K:
+            print(f"request {r['id']}: generated {g} tokens on killed pid {a['pid']}, "
+                  f"resumed from {b['n']} on pid {b['pid']}: {lost} recomputed (bound {K})")
+            bad += 1
+print(f"{interrupted} sequences interrupted by the kills ({moved} had generated tokens there): "
+      f"{total} tokens recomputed, at most {worst} per sequence (bound: checkpoint-tokens = {K})")
+if interrupted == 0:
+    print("no kill interrupted a sequence: nothing was measured")
+    bad += 1
+sys.exit(1 if bad else 0)
+EOF
+fi
 # In the sanitizer build a daemon's report is a failure too.
 if grep -l "runtime error:\|AddressSanitizer\|LeakSanitizer" "$h"/*.log; then
     fail "sanitizer report in the logs above"

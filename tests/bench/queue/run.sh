@@ -4,7 +4,8 @@
 # scheduler and two workers on the engine's null backend (no arithmetic), so
 # that the queue, the wire protocol and the result writes are what is
 # measured. Then tests/bench/queue/baseline.sh's raw PostgreSQL figure, in the
-# same run, for comparison. Prints figures; asserts nothing.
+# same run, for comparison, over the same number of requests. Prints figures;
+# asserts nothing.
 #
 # usage: tests/bench/queue/run.sh [BUILD-DIR] [REQUESTS] [WORKERS]
 set -euo pipefail
@@ -59,12 +60,17 @@ COMMIT;
 SELECT :job;
 SQL
 )
-while :; do
-    st=$(q "SELECT state FROM spool.job_status WHERE job_id = $job")
-    case $st in succeeded | failed | cancelled) break ;; esac
-    sleep 0.05
-done
+# Wait on one connection (a new psql every 50 ms would take CPU from the
+# measured processes: about a process and a backend start per poll).
+psql "$dsn" -XAtq -v ON_ERROR_STOP=1 >/dev/null <<SQL
+DO \$\$ BEGIN
+    WHILE (SELECT state FROM spool.jobs WHERE id = $job) NOT IN ('succeeded', 'failed', 'cancelled') LOOP
+        PERFORM pg_sleep(0.02);
+    END LOOP;
+END \$\$;
+SQL
 t1=$(date +%s.%N)
+st=$(q "SELECT state FROM spool.job_status WHERE job_id = $job")
 ok=$(q "SELECT succeeded FROM spool.job_status WHERE job_id = $job")
 rate=$(awk -v n="$ok" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.0f", n / (b - a)}')
 echo "spool: $n requests (max_tokens 4, null backend, $n_workers workers): job $st," \
@@ -72,4 +78,6 @@ echo "spool: $n requests (max_tokens 4, null backend, $n_workers workers): job $
 echo "spool_requests_per_s $rate"
 cleanup
 trap - EXIT
-"$here/baseline.sh" "$spool" 2>/dev/null | grep baseline_requests_per_s
+base=$("$here/baseline.sh" "$spool" "$n" 2>/dev/null | awk '/baseline_requests_per_s/ {print $2}')
+echo "baseline_requests_per_s $base"
+awk -v s="$rate" -v b="$base" 'BEGIN {printf "spool/baseline %.2f\n", s / b}'

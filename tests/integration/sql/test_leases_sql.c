@@ -270,6 +270,49 @@ static void release_returns_unfinished_work(void **state)
     assert_string_equal(str("SELECT state FROM spool.shards WHERE id = %ld", shard), "cancelled");
 }
 
+/*
+ * finish_job_if_done (0010) looks at shards first: a job is finished by the
+ * release of its last open shard, not by one whose requests happen to be the
+ * last ones to finish while another shard, its results all written, is
+ * still leased.
+ */
+static void job_finishes_with_its_last_shard(void **state)
+{
+    (void)state;
+    long job = new_job(4);
+    ok("SELECT spool.plan_shards(%ld, 2)", job);
+    long s0 = shard_of(job, 0), s1 = shard_of(job, 1);
+    long t0 = num("SELECT spool.lease_shard(%ld, %ld, '30 s')", s0, worker);
+    long t1 = num("SELECT spool.lease_shard(%ld, %ld, '30 s')", s1, worker);
+    char a[512], b[512];
+    for (int i = 0; i < 4; i++) {
+        long sh = i < 2 ? s0 : s1, tok = i < 2 ? t0 : t1, r = req_id(job, i);
+        ok("SELECT spool.start_requests(%ld, %ld, ARRAY[%ld])", sh, tok, r);
+        result_json(a, sizeof a, r, "succeeded", "x");
+        ok("SELECT spool.complete_requests(%ld, %ld, '[%s]')", sh, tok, a);
+    }
+    /* Every request has its result, but s1 is still leased. */
+    assert_string_equal(str("SELECT spool.release_shard(%ld, %ld)", s0, t0), "done");
+    assert_string_equal(str("SELECT state FROM spool.jobs WHERE id = %ld", job), "running");
+    assert_string_equal(str("SELECT spool.finish_job_if_done(%ld)", job), "f");
+    assert_string_equal(str("SELECT spool.release_shard(%ld, %ld)", s1, t1), "done");
+    assert_string_equal(str("SELECT state || ' ' || succeeded FROM spool.jobs WHERE id = %ld", job),
+                        "succeeded 4");
+    /* A request still pending with every shard ended (not made by the functions) keeps it open. */
+    long job2 = new_job(2);
+    ok("SELECT spool.plan_shards(%ld, 2)", job2);
+    long s2 = shard_of(job2, 0);
+    long t2 = num("SELECT spool.lease_shard(%ld, %ld, '30 s')", s2, worker);
+    long r0 = req_id(job2, 0), r1 = req_id(job2, 1);
+    ok("SELECT spool.start_requests(%ld, %ld, ARRAY[%ld, %ld])", s2, t2, r0, r1);
+    result_json(a, sizeof a, r0, "succeeded", "x");
+    result_json(b, sizeof b, r1, "succeeded", "y");
+    ok("SELECT spool.complete_requests(%ld, %ld, '[%s, %s]')", s2, t2, a, b);
+    ok("UPDATE spool.requests SET state = 'pending' WHERE id = %ld", r1);
+    ok("UPDATE spool.shards SET state = 'done' WHERE id = %ld", s2);
+    assert_string_equal(str("SELECT spool.finish_job_if_done(%ld)", job2), "f");
+}
+
 static void job_with_only_bad_requests_finishes_at_planning(void **state)
 {
     (void)state;
@@ -288,6 +331,7 @@ int main(void)
         cmocka_unit_test(fenced_results_are_written_once),
         cmocka_unit_test(retries_back_off_then_fail),
         cmocka_unit_test(release_returns_unfinished_work),
+        cmocka_unit_test(job_finishes_with_its_last_shard),
         cmocka_unit_test(job_with_only_bad_requests_finishes_at_planning),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

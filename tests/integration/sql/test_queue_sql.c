@@ -142,6 +142,30 @@ static void submission_is_transactional_and_pinned(void **state)
     snprintf(sql, sizeof sql, "INSERT INTO spool.requests (job_id, prompt) VALUES (%s, 'late')",
              job);
     assert_non_null(strstr(err_of(other, sql), "requests can only be added to an open job"));
+    /*
+     * The check runs once per statement (0010): one row for a sealed job
+     * among rows for an open one refuses the whole statement, and a job
+     * that does not exist is refused too.
+     */
+    char *open_job = val("SELECT spool.submit_job('tiny')");
+    snprintf(sql, sizeof sql,
+             "INSERT INTO spool.requests (job_id, prompt) SELECT j, 'p' FROM unnest(ARRAY[%s, "
+             "%s, %s]) j",
+             open_job, job, open_job);
+    assert_non_null(strstr(err_of(other, sql), "is queued; requests can only be added to an open"));
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM spool.requests WHERE job_id = %s", open_job);
+    expect(sql, "0");
+    assert_non_null(strstr(err_of(other, "INSERT INTO spool.requests (job_id, prompt) VALUES "
+                                         "(987654, 'p')"),
+                           "987654"));
+    snprintf(sql, sizeof sql,
+             "INSERT INTO spool.requests (job_id, prompt) SELECT %s, 'p' || i FROM "
+             "generate_series(1, 3) i",
+             open_job);
+    ok(sql);
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM spool.requests WHERE job_id = %s", open_job);
+    expect(sql, "3");
+    free(open_job);
     PQfinish(other);
     free(job);
     ok("SELECT spool.set_alias('tiny', 'prod', 2)");
