@@ -19,6 +19,37 @@
 static const char dsn_help[] =
     "  --dsn DSN      database (default $SPOOL_DSN, else the running 'spool dev' cluster)\n";
 
+/*
+ * Parses the options of a command whose only option is --dsn (and --help).
+ * Returns -1 to go on (optind at the first operand, *dsn set when given), or
+ * the exit code: CLI_OK after --help, a usage error for anything else.
+ */
+static int dsn_only_options(int argc, char **argv, const char *prog, const char *usage,
+                            const char **dsn)
+{
+    static const struct option opts[] = {
+        {"dsn", required_argument, NULL, 'd'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    int ch;
+    optind = 1;
+    while ((ch = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (ch) {
+        case 'd':
+            *dsn = optarg;
+            break;
+        case 'h':
+            fputs(usage, stdout);
+            fputs(dsn_help, stdout);
+            return CLI_OK;
+        default:
+            return cli_usage_error(prog, "bad option");
+        }
+    }
+    return -1;
+}
+
 static PGconn *connect_db(const char *dsn_flag)
 {
     const char *dsn = cli_dsn(dsn_flag);
@@ -334,27 +365,10 @@ static int keys_revoke(int argc, char **argv)
     const char *usage = "usage: spool keys revoke ID [--dsn DSN]\n\n"
                         "Revokes the API key with id ID (see 'spool keys list'). Running "
                         "schedulers\nrefuse it at once. Revoking a revoked key changes nothing.\n";
-    static const struct option opts[] = {
-        {"dsn", required_argument, NULL, 'd'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
     const char *dsn = NULL;
-    int ch;
-    optind = 1;
-    while ((ch = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        switch (ch) {
-        case 'd':
-            dsn = optarg;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            fputs(dsn_help, stdout);
-            return CLI_OK;
-        default:
-            return cli_usage_error(prog, "bad option");
-        }
-    }
+    int done = dsn_only_options(argc, argv, prog, usage, &dsn);
+    if (done >= 0)
+        return done;
     if (optind != argc - 1)
         return cli_usage_error(prog, "give exactly one key id");
     char id[24];
@@ -512,27 +526,10 @@ static int tenants_list(int argc, char **argv)
     const char *prog = "spool tenants list";
     const char *usage = "usage: spool tenants list [--dsn DSN]\n\n"
                         "Lists tenants: weight, database role, active API keys, jobs.\n";
-    static const struct option opts[] = {
-        {"dsn", required_argument, NULL, 'd'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
     const char *dsn = NULL;
-    int ch;
-    optind = 1;
-    while ((ch = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        switch (ch) {
-        case 'd':
-            dsn = optarg;
-            break;
-        case 'h':
-            fputs(usage, stdout);
-            fputs(dsn_help, stdout);
-            return CLI_OK;
-        default:
-            return cli_usage_error(prog, "bad option");
-        }
-    }
+    int done = dsn_only_options(argc, argv, prog, usage, &dsn);
+    if (done >= 0)
+        return done;
     if (optind < argc)
         return cli_usage_error(prog, "unexpected argument '%s'", argv[optind]);
     PGconn *c = connect_db(dsn);
