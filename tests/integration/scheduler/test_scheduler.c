@@ -26,6 +26,7 @@
 #include <uv.h>
 
 #include "pgtest.h"
+#include "pgtest_sql.h"
 #include "spool/wire_conn.h"
 
 #define HEARTBEAT_MS 300
@@ -52,39 +53,8 @@ static void ensure_db(void)
         PQreset(db);
 }
 
-static void ok(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void ok(const char *fmt, ...)
-{
-    char sql[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(sql, sizeof sql, fmt, ap);
-    va_end(ap);
-    ensure_db();
-    PGresult *r = PQexec(db, sql);
-    if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK)
-        fail_msg("%s: %s", sql, PQresultErrorMessage(r));
-    PQclear(r);
-}
-
-/* The first column of the first row as a number; -1 when NULL or no row. */
-static long long num(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static long long num(const char *fmt, ...)
-{
-    char sql[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(sql, sizeof sql, fmt, ap);
-    va_end(ap);
-    ensure_db();
-    PGresult *r = PQexec(db, sql);
-    if (PQresultStatus(r) != PGRES_TUPLES_OK)
-        fail_msg("%s: %s", sql, PQresultErrorMessage(r));
-    long long v =
-        PQntuples(r) && !PQgetisnull(r, 0, 0) ? strtoll(PQgetvalue(r, 0, 0), NULL, 10) : -1;
-    PQclear(r);
-    return v;
-}
+#define ok(...)  (ensure_db(), pgt_ok(db, __VA_ARGS__))
+#define num(...) (ensure_db(), pgt_num(db, __VA_ARGS__))
 
 static void add_model(const char *name, const char *digest)
 {

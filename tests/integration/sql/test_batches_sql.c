@@ -17,23 +17,12 @@
 #include <jansson.h>
 
 #include "pgtest.h"
+#include "pgtest_sql.h"
 
 static struct pgt t;
 static PGconn *c;
 
-static void ok(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void ok(const char *fmt, ...)
-{
-    char sql[8192];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(sql, sizeof sql, fmt, ap);
-    va_end(ap);
-    PGresult *r = PQexec(c, sql);
-    if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK)
-        fail_msg("%s: %s", sql, PQresultErrorMessage(r));
-    PQclear(r);
-}
+#define ok(...) pgt_ok(c, __VA_ARGS__)
 
 /* Runs sql with params; returns the first value of the first row (new string, "" for NULL). */
 static char *val(const char *sql, int n, const char *const *params)

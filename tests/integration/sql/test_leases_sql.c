@@ -12,39 +12,13 @@
 #include <cmocka.h>
 
 #include "pgtest.h"
+#include "pgtest_sql.h"
 
 static struct pgt t;
 static PGconn *c;
 
-static void ok(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static void ok(const char *fmt, ...)
-{
-    char sql[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(sql, sizeof sql, fmt, ap);
-    va_end(ap);
-    PGresult *r = PQexec(c, sql);
-    if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK)
-        fail_msg("%s: %s", sql, PQresultErrorMessage(r));
-    PQclear(r);
-}
-
-static long num(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-static long num(const char *fmt, ...)
-{
-    char sql[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(sql, sizeof sql, fmt, ap);
-    va_end(ap);
-    char *v = pgt_scalar(c, sql);
-    if (!v)
-        fail_msg("no value: %s", sql);
-    long n = strtol(v, NULL, 10);
-    free(v);
-    return n;
-}
+#define ok(...)  pgt_ok(c, __VA_ARGS__)
+#define num(...) pgt_num(c, __VA_ARGS__)
 
 static char *str(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static char *str(const char *fmt, ...)
