@@ -17,10 +17,11 @@
  * handle, so the frames that arrived during a step are read and a live
  * request submitted before the next step), except PostgreSQL: one database
  * thread (db.c) owns the connection and runs statements in FIFO order. The
- * hot writes (complete_requests, checkpoint_requests, the final
- * release_shard) are submitted without waiting, their outcome handled by a
- * callback on the loop; rare paths (assignment, drain, start-up) still wait
- * for their statements. No engine or libuv handle is touched off the loop.
+ * hot statements (ASSIGN's reads and start_requests, complete_requests,
+ * checkpoint_requests, the final release_shard) are submitted without
+ * waiting, their outcome handled by a callback on the loop; rare paths (a
+ * model load, a refusal's release, the drain, start-up) still wait for
+ * theirs. No engine or libuv handle is touched off the loop.
  */
 #ifndef SPOOL_WORKER_H
 #define SPOOL_WORKER_H
