@@ -342,14 +342,20 @@ int main(int argc, char **argv)
             c->checkpoint_tokens, c->checkpoint_seconds);
 
     w.loop = uv_default_loop();
+    if (wk_db_start(&w)) {
+        wk_model_unload(&w);
+        sp_store_close(&w.store);
+        PQfinish(w.db);
+        return 1;
+    }
     wk_shards_start(&w);
     wk_preempt_start(&w);
     wk_conn_start(&w);
     uv_run(w.loop, UV_RUN_DEFAULT);
+    wk_db_stop(&w);
     uv_loop_close(w.loop);
     wk_model_unload(&w);
     sp_store_close(&w.store);
-    PQfinish(w.db);
     alarm(0);
     sp_info("stopped");
     return w.exit_code;

@@ -53,6 +53,8 @@ static void stop_all(struct worker *w)
         return;
     w->stopping = true;
     wk_conn_close(w);
+    wk_db_settle(w); /* nothing is in flight after a drain; this is for any other stop */
+    wk_db_close(w);
     wk_shards_stop(w);
     wk_preempt_stop(w);
 }
@@ -88,7 +90,9 @@ void wk_drain(struct worker *w, const char *source, bool preempted)
     sp_info("draining (%s): checkpointing and releasing every shard within %u ms", source,
             deadline_ms);
     uv_timer_stop(&w->step_timer);
+    uv_idle_stop(&w->step_idle);
     w->stepping = false;
+    w->ckpt_wait = false;
     /* Live requests cannot be handed over mid-stream: they end now, with finish_reason error. */
     wk_live_end_all(w, "error", preempted ? "the worker is preempted" : "the worker is stopping");
     if (preempted) {

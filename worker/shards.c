@@ -7,6 +7,9 @@
  * sequences are checkpointed with spool.checkpoint_requests every
  * --checkpoint-tokens tokens or --checkpoint-seconds seconds. A shard with
  * nothing left is released (spool.release_shard) and reported with DONE.
+ * These writes go to the database thread (db.c) without waiting: the engine
+ * keeps stepping while they run, and their callbacks (on the loop thread)
+ * find the shard again by id and lease token.
  *
  * Fencing: every write carries the shard's lease token. When one is refused
  * ("lease lost"), the shard's sequences are cancelled in the engine and its
@@ -209,11 +212,32 @@ static void release_db(struct worker *w, uint64_t shard, uint64_t token, const c
     PQclear(r);
 }
 
-/* A shard with nothing in flight and nothing unwritten: release it and report. */
-static void shard_finish(struct worker *w, struct wk_shard *s)
+/* The shard with this id and lease, or NULL when it was lost, revoked or released meanwhile. */
+static struct wk_shard *find_shard(struct worker *w, uint64_t id, uint64_t token)
 {
-    char st[32];
-    release_db(w, s->id, s->token, "done", st, sizeof(st));
+    for (struct wk_shard *s = w->shards; s; s = s->next)
+        if (s->id == id && s->token == token)
+            return s;
+    return NULL;
+}
+
+/* What an asynchronous write's callback needs to find its shard again. */
+struct shard_ref {
+    uint64_t id, token;
+};
+
+static void on_released(struct worker *w, int rc, PGresult *res, bool conn_ok, const char *err,
+                        void *arg)
+{
+    (void)conn_ok;
+    struct shard_ref *ref = arg;
+    struct wk_shard *s = find_shard(w, ref->id, ref->token);
+    free(ref);
+    if (!s)
+        return;
+    const char *st = rc == SP_ESTATE ? "lost" : rc ? "error" : PQgetvalue(res, 0, 0);
+    if (rc)
+        sp_warn("shard %" PRIu64 ": release failed: %s", s->id, err);
     sp_info("shard %" PRIu64 " finished: %" PRIu64 " succeeded, %" PRIu64 " failed; now %s", s->id,
             s->succeeded, s->failed, st);
     struct sp_wire_frame u = {.type = SP_WIRE_USAGE,
@@ -236,6 +260,35 @@ static void shard_finish(struct worker *w, struct wk_shard *s)
     shard_free(w, s);
 }
 
+/*
+ * A shard with nothing in flight and nothing unwritten: release it (behind
+ * its last writes on the database thread) and report when that is done.
+ */
+static void shard_finish(struct worker *w, struct wk_shard *s)
+{
+    char a[24], b[24];
+    u64s(a, s->id);
+    u64s(b, s->token);
+    const char *p[3] = {a, b, "done"};
+    struct shard_ref *ref = malloc(sizeof(*ref));
+    if (!ref)
+        return; /* out of memory: tried again at the next flush */
+    *ref = (struct shard_ref){s->id, s->token};
+    if (wk_db_submit(w, "SELECT spool.release_shard($1, $2, $3)", 3, p, on_released, ref)) {
+        free(ref);
+        return;
+    }
+    s->finishing = true;
+}
+
+/* Releases s when it has nothing left: no sequence, result or write. */
+static void maybe_finish(struct worker *w, struct wk_shard *s)
+{
+    if (s->n_inflight == 0 && json_array_size(s->results) == 0 && !s->writing &&
+        !s->ckpt_inflight && !s->finishing && !s->starting && !w->draining)
+        shard_finish(w, s);
+}
+
 /* ---- Results ---- */
 
 static void add_result(struct wk_shard *s, json_t *res)
@@ -252,66 +305,112 @@ static void add_failure(struct worker *w, struct wk_shard *s, uint64_t id, const
         s->failed++;
 }
 
-/* Writes s's unwritten results; false when the shard was lost (and freed). */
-static bool shard_flush(struct worker *w, struct wk_shard *s)
+static void shard_flush(struct worker *w, struct wk_shard *s);
+
+/* A complete_requests write in flight: its shard and the results it carries. */
+struct flush_op {
+    struct shard_ref ref;
+    json_t *batch;
+};
+
+static void on_flushed(struct worker *w, int rc, PGresult *res, bool conn_ok, const char *err,
+                       void *arg)
 {
-    if (json_array_size(s->results) == 0)
-        return true;
-    char a[24], b[24], err[512];
-    u64s(a, s->id);
-    u64s(b, s->token);
-    char *js = json_dumps(s->results, JSON_COMPACT);
-    if (!js)
-        return true; /* out of memory: try again at the next flush */
-    const char *p[3] = {a, b, js};
-    int rc = wk_db_call(w, "SELECT spool.complete_requests($1, $2, $3::jsonb)", 3, p, NULL, err,
-                        sizeof(err));
-    free(js);
-    if (rc == SP_ESTATE) {
-        shard_lost(w, s, err);
-        return false;
+    (void)res;
+    struct flush_op *fo = arg;
+    struct wk_shard *s = find_shard(w, fo->ref.id, fo->ref.token);
+    json_t *batch = fo->batch;
+    free(fo);
+    if (!s) { /* lost or revoked meanwhile: its results are dropped */
+        json_decref(batch);
+        return;
     }
-    if (rc && PQstatus(w->db) == CONNECTION_OK && ++s->write_failures >= 3) {
-        /*
-         * The server refuses these results themselves (not the connection):
-         * store each request as failed with the server's reason rather than
-         * retrying for ever.
-         */
-        sp_error("shard %" PRIu64 ": the database refuses %zu results (%s); failing them", s->id,
-                 json_array_size(s->results), err);
-        json_t *old = s->results;
-        s->results = json_array();
-        size_t i;
-        json_t *res;
-        char msg[700];
-        snprintf(msg, sizeof(msg), "the result could not be stored: %s", err);
-        json_array_foreach(old, i, res)
-        {
-            const char *st = json_string_value(json_object_get(res, "state"));
-            if (st && strcmp(st, "succeeded") == 0) {
-                s->succeeded--;
-                s->failed++;
-            }
-            add_result(s, json_pack("{s:O, s:s, s:s}", "id", json_object_get(res, "id"), "state",
-                                    "failed", "error", msg));
-        }
-        json_decref(old);
-        return shard_flush(w, s);
+    s->writing = false;
+    if (rc == SP_ESTATE) {
+        json_decref(batch);
+        shard_lost(w, s, err);
+        return;
     }
     if (rc) {
-        sp_warn("shard %" PRIu64 ": writing %zu results failed (will retry): %s", s->id,
-                json_array_size(s->results), err);
-        return true;
+        /* Back in front of what finished meanwhile, for the next try. */
+        json_array_extend(batch, s->results);
+        json_decref(s->results);
+        s->results = batch;
+        if (conn_ok && ++s->write_failures >= 3) {
+            /*
+             * The server refuses these results themselves (not the
+             * connection): store each request as failed with the server's
+             * reason rather than retrying for ever.
+             */
+            sp_error("shard %" PRIu64 ": the database refuses %zu results (%s); failing them",
+                     s->id, json_array_size(s->results), err);
+            json_t *old = s->results;
+            s->results = json_array();
+            size_t i;
+            json_t *r;
+            char msg[700];
+            snprintf(msg, sizeof(msg), "the result could not be stored: %s", err);
+            json_array_foreach(old, i, r)
+            {
+                const char *st = json_string_value(json_object_get(r, "state"));
+                if (st && strcmp(st, "succeeded") == 0) {
+                    s->succeeded--;
+                    s->failed++;
+                }
+                add_result(s, json_pack("{s:O, s:s, s:s}", "id", json_object_get(r, "id"), "state",
+                                        "failed", "error", msg));
+            }
+            json_decref(old);
+            shard_flush(w, s);
+        } else {
+            sp_warn("shard %" PRIu64 ": writing %zu results failed (will retry): %s", s->id,
+                    json_array_size(s->results), err);
+        }
+        return;
     }
+    json_decref(batch);
     s->write_failures = 0;
-    json_array_clear(s->results);
     struct sp_wire_frame f = {.type = SP_WIRE_PROGRESS,
                               .progress = {.shard_id = s->id,
                                            .lease_token = s->token,
                                            .requests_done = s->succeeded + s->failed,
                                            .tokens_out = s->tokens_out}};
     wk_conn_send(w, &f);
-    return true;
+    if (json_array_size(s->results) >= WK_FLUSH_RESULTS)
+        shard_flush(w, s);
+    else
+        maybe_finish(w, s);
+}
+
+/*
+ * Submits s's unwritten results in one complete_requests, unless a write of
+ * s is still in flight (one at a time per shard: a refusal puts its results
+ * back in front, and the next write carries them with the newer ones).
+ */
+static void shard_flush(struct worker *w, struct wk_shard *s)
+{
+    if (s->writing || s->finishing || json_array_size(s->results) == 0)
+        return;
+    char a[24], b[24];
+    u64s(a, s->id);
+    u64s(b, s->token);
+    char *js = json_dumps(s->results, JSON_COMPACT);
+    struct flush_op *fo = malloc(sizeof(*fo));
+    json_t *batch = json_array();
+    const char *p[3] = {a, b, js};
+    if (!js || !fo || !batch ||
+        wk_db_submit(w, "SELECT spool.complete_requests($1, $2, $3::jsonb)", 3, p, on_flushed,
+                     fo)) {
+        free(js); /* out of memory: tried again at the next flush */
+        free(fo);
+        json_decref(batch);
+        return;
+    }
+    free(js);
+    fo->ref = (struct shard_ref){s->id, s->token};
+    fo->batch = s->results;
+    s->results = batch;
+    s->writing = true;
 }
 
 void wk_shards_flush(struct worker *w)
@@ -319,20 +418,96 @@ void wk_shards_flush(struct worker *w)
     struct wk_shard *next;
     for (struct wk_shard *s = w->shards; s; s = next) {
         next = s->next;
-        if (!shard_flush(w, s))
-            continue;
-        if (s->n_inflight == 0 && json_array_size(s->results) == 0 && !w->draining)
-            shard_finish(w, s);
+        shard_flush(w, s);
+        maybe_finish(w, s);
     }
 }
 
 /* ---- Checkpoints ---- */
 
-/* Saves the generated tokens of s's sequences that moved on; false when s was lost. */
-static bool shard_checkpoint(struct worker *w, struct wk_shard *s, long *unsaved)
+/* A checkpoint_requests write in flight: per sequence, the token count it saves. */
+struct ckpt_op {
+    struct shard_ref ref;
+    long *unsaved; /* the drain's count of tokens left unsaved, or NULL */
+    size_t n;
+    struct {
+        uint64_t req_id;
+        int n;
+    } seqs[];
+};
+
+/* Stepping waited for a checkpoint's commit (ckpt_blocks): it goes on. */
+static void ckpt_resume(struct worker *w)
 {
+    if (w->ckpt_wait) {
+        w->ckpt_wait = false;
+        wk_shards_kick(w);
+    }
+}
+
+static void on_checkpointed(struct worker *w, int rc, PGresult *res, bool conn_ok, const char *err,
+                            void *arg)
+{
+    (void)res;
+    (void)conn_ok;
+    struct ckpt_op *co = arg;
+    struct wk_shard *s = find_shard(w, co->ref.id, co->ref.token);
+    if (!s) {
+        free(co);
+        ckpt_resume(w);
+        return;
+    }
+    s->ckpt_inflight = false;
+    if (rc == SP_ESTATE) {
+        free(co);
+        shard_lost(w, s, err);
+        ckpt_resume(w);
+        return;
+    }
+    if (rc) {
+        sp_warn("shard %" PRIu64 ": checkpoint failed: %s", s->id, err);
+        s->ckpt_failed_ms = uv_now(w->loop);
+        if (!s->ckpt_failed_ms)
+            s->ckpt_failed_ms = 1;
+    } else {
+        s->ckpt_failed_ms = 0;
+    }
+    for (struct wk_seq *q = s->seqs; q; q = q->next) {
+        for (size_t i = 0; i < co->n; i++) {
+            if (co->seqs[i].req_id != q->req_id)
+                continue;
+            if (rc == 0 && co->seqs[i].n > q->n_ckpt)
+                q->n_ckpt = co->seqs[i].n;
+            break;
+        }
+        if (rc && co->unsaved && w->eng) {
+            int n = 0;
+            se_engine_seq_tokens(w->eng, q->seq, &n);
+            *co->unsaved += n - q->n_ckpt;
+        }
+    }
+    free(co);
+    ckpt_resume(w);
+    maybe_finish(w, s);
+}
+
+/*
+ * Submits the generated tokens of s's sequences that moved on since their
+ * last checkpoint, unless a checkpoint of s is in flight. unsaved (the
+ * drain's count) gets the tokens of a checkpoint that fails.
+ */
+static void shard_checkpoint(struct worker *w, struct wk_shard *s, long *unsaved)
+{
+    if (s->ckpt_inflight || s->finishing || !w->eng)
+        return;
     s->ckpt_due = false;
     json_t *arr = json_array();
+    struct ckpt_op *co = malloc(sizeof(*co) + (size_t)s->n_inflight * sizeof(co->seqs[0]));
+    if (!arr || !co)
+        goto oom;
+    co->n = 0;
+    co->unsaved = unsaved;
+    co->ref = (struct shard_ref){s->id, s->token};
     for (struct wk_seq *q = s->seqs; q; q = q->next) {
         int n = 0;
         const int32_t *t = se_engine_seq_tokens(w->eng, q->seq, &n);
@@ -343,37 +518,37 @@ static bool shard_checkpoint(struct worker *w, struct wk_shard *s, long *unsaved
             json_array_append_new(ids, json_integer(t[i]));
         json_array_append_new(arr,
                               json_pack("{s:I, s:o}", "id", (json_int_t)q->req_id, "tokens", ids));
+        co->seqs[co->n].req_id = q->req_id;
+        co->seqs[co->n].n = n;
+        co->n++;
     }
-    if (json_array_size(arr) == 0) {
+    if (co->n == 0) {
         json_decref(arr);
-        return true;
+        free(co);
+        return;
     }
-    char a[24], b[24], err[512];
+    char a[24], b[24];
     u64s(a, s->id);
     u64s(b, s->token);
     char *js = json_dumps(arr, JSON_COMPACT);
     json_decref(arr);
+    arr = NULL;
     const char *p[3] = {a, b, js};
-    int rc = js ? wk_db_call(w, "SELECT spool.checkpoint_requests($1, $2, $3::jsonb)", 3, p, NULL,
-                             err, sizeof(err))
+    int rc = js ? wk_db_submit(w, "SELECT spool.checkpoint_requests($1, $2, $3::jsonb)", 3, p,
+                               on_checkpointed, co)
                 : SP_ENOMEM;
     free(js);
-    if (rc == SP_ESTATE) {
-        shard_lost(w, s, err);
-        return false;
-    }
-    for (struct wk_seq *q = s->seqs; q; q = q->next) {
-        int n = 0;
-        se_engine_seq_tokens(w->eng, q->seq, &n);
-        if (rc == 0)
-            q->n_ckpt = n;
-        else if (unsaved)
-            *unsaved += n - q->n_ckpt;
-    }
     if (rc)
-        sp_warn("shard %" PRIu64 ": checkpoint failed: %s", s->id,
-                rc == SP_ENOMEM ? "out of memory" : err);
-    return true;
+        goto oom;
+    s->ckpt_inflight = true;
+    return;
+oom:
+    sp_warn("shard %" PRIu64 ": checkpoint failed: out of memory", s->id);
+    if (unsaved)
+        for (struct wk_seq *q = s->seqs; q; q = q->next)
+            *unsaved += q->n_gen - q->n_ckpt;
+    json_decref(arr);
+    free(co);
 }
 
 void wk_shards_checkpoint(struct worker *w, bool all)
@@ -384,6 +559,33 @@ void wk_shards_checkpoint(struct worker *w, bool all)
         if (all || s->ckpt_due)
             shard_checkpoint(w, s, NULL);
     }
+}
+
+/*
+ * The recompute bound: a sequence never has more than --checkpoint-tokens
+ * generated tokens without a committed checkpoint. Checkpoints are written
+ * early (at 3/4 of it), so the engine rarely waits; but while a sequence is
+ * at the bound and its checkpoint is in flight, the next step waits for the
+ * commit (on_checkpointed resumes stepping). After a failed checkpoint the
+ * engine goes on for a second (as it would with the database away).
+ */
+static bool ckpt_blocks(struct worker *w)
+{
+    int k = w->cfg.checkpoint_tokens;
+    uint64_t now = uv_now(w->loop);
+    for (struct wk_shard *s = w->shards; s; s = s->next) {
+        if (s->ckpt_failed_ms && now - s->ckpt_failed_ms < 1000)
+            continue;
+        for (struct wk_seq *q = s->seqs; q; q = q->next) {
+            if (q->n_gen - q->n_ckpt < k)
+                continue;
+            shard_checkpoint(w, s, NULL);
+            if (s->ckpt_inflight)
+                return true;
+            break;
+        }
+    }
+    return false;
 }
 
 /* ---- Stepping ---- */
@@ -499,18 +701,49 @@ static bool has_work(struct worker *w)
     return w->eng && (se_engine_n_active(w->eng) > 0 || w->n_lives > 0);
 }
 
-static void on_step(uv_timer_t *t)
+static void step(struct worker *w);
+
+static void on_step_timer(uv_timer_t *t)
 {
-    struct worker *w = t->data;
+    step(t->data);
+}
+
+static void on_step_idle(uv_idle_t *h)
+{
+    step(h->data);
+}
+
+/* Stops stepping; wk_shards_kick starts it again. */
+static void step_pause(struct worker *w)
+{
+    uv_idle_stop(&w->step_idle);
+    uv_timer_stop(&w->step_timer);
+    w->stepping = false;
+}
+
+/*
+ * One engine step. Without a step delay it runs from an idle handle: once
+ * per loop turn, each turn polling sockets first (without blocking), so a
+ * LIVE_REQUEST or CANCEL that arrived during a step is handled before the
+ * next one. (A 0 ms timer would not do: libuv runs a timer restarted from its
+ * own callback again in the same pass, never polling in between.)
+ */
+static void step(struct worker *w)
+{
     if (w->stopping || w->exiting || !w->eng) {
-        w->stepping = false;
+        step_pause(w);
+        return;
+    }
+    if (ckpt_blocks(w)) {
+        step_pause(w);
+        w->ckpt_wait = true;
         return;
     }
     const struct se_event *ev;
     int n = se_engine_step(w->eng, &ev);
     if (n < 0) {
+        step_pause(w);
         engine_failed(w, n);
-        w->stepping = false;
         return;
     }
     w->n_steps++;
@@ -525,10 +758,13 @@ static void on_step(uv_timer_t *t)
         }
         trace_flush(w);
     }
-    /* Live events first: their frames go out before anything below waits on PostgreSQL. */
+    /* Live events first: their frames go out before any batch bookkeeping. */
     for (int i = 0; i < n; i++)
         if (wk_tag_is_live(ev[i].user))
             wk_live_event(w, (struct wk_live *)(uintptr_t)(ev[i].user & ~WK_TAG_LIVE), &ev[i]);
+    int early = w->cfg.checkpoint_tokens - w->cfg.checkpoint_tokens / 4;
+    if (early >= w->cfg.checkpoint_tokens && early > 1)
+        early--;
     for (int i = 0; i < n; i++) {
         if (wk_tag_is_live(ev[i].user))
             continue;
@@ -538,19 +774,21 @@ static void on_step(uv_timer_t *t)
                 free_orphan(w, q);
             continue;
         }
+        if (ev[i].n_generated > q->n_gen)
+            q->n_gen = ev[i].n_generated;
         if (ev[i].text_len && !seq_append(q, ev[i].text, ev[i].text_len))
             sp_error("out of memory keeping the output of request %" PRIu64, q->req_id);
         if (ev[i].finish != SE_FINISH_NONE)
             finish_seq(w, q, &ev[i]);
-        else if (ev[i].n_generated - q->n_ckpt >= w->cfg.checkpoint_tokens)
+        else if (q->n_gen - q->n_ckpt >= early)
             q->shard->ckpt_due = true;
     }
     wk_shards_checkpoint(w, false);
-    if (has_work(w)) {
-        uv_timer_start(&w->step_timer, on_step, (uint64_t)w->cfg.step_delay_ms, 0);
-    } else {
-        w->stepping = false;
+    if (!has_work(w)) {
+        step_pause(w);
         wk_shards_flush(w);
+    } else if (w->cfg.step_delay_ms > 0) {
+        uv_timer_start(&w->step_timer, on_step_timer, (uint64_t)w->cfg.step_delay_ms, 0);
     }
 }
 
@@ -558,7 +796,10 @@ void wk_shards_kick(struct worker *w)
 {
     if (!w->stepping && !w->stopping && !w->exiting && has_work(w)) {
         w->stepping = true;
-        uv_timer_start(&w->step_timer, on_step, 0, 0);
+        if (w->cfg.step_delay_ms > 0)
+            uv_timer_start(&w->step_timer, on_step_timer, 0, 0);
+        else
+            uv_idle_start(&w->step_idle, on_step_idle);
     }
 }
 
@@ -696,6 +937,7 @@ static int submit_row(struct worker *w, struct wk_shard *s, json_t *jparams, uin
     q->shard = s;
     q->n_prompt = (int)n_ids;
     q->n_ckpt = (int)n_resume;
+    q->n_gen = (int)n_resume;
     struct se_seq_params p = {.prompt = ids,
                               .n_prompt = n_ids,
                               .resume = resume,
@@ -723,22 +965,178 @@ out:
     return rc;
 }
 
-static void refuse(struct worker *w, const struct sp_wire_assign *a, const char *why)
+static void refuse(struct worker *w, uint64_t shard_id, uint64_t token, const char *why)
 {
     char st[32];
-    sp_error("shard %" PRIu64 " refused: %s", a->shard_id, why);
-    release_db(w, a->shard_id, a->lease_token, why, st, sizeof(st));
+    sp_error("shard %" PRIu64 " refused: %s", shard_id, why);
+    release_db(w, shard_id, token, why, st, sizeof(st));
     char reason[700];
     snprintf(reason, sizeof(reason), "model_unavailable: %s", why);
     struct sp_wire_frame f = {
         .type = SP_WIRE_RELEASE,
-        .release = {.shard_id = a->shard_id, .lease_token = a->lease_token, .reason = reason}};
+        .release = {.shard_id = shard_id, .lease_token = token, .reason = reason}};
     wk_conn_send(w, &f);
+}
+
+/*
+ * An ASSIGN being started, through three statements on the database thread:
+ * the job's params and pinned digest, start_requests, then the rows. The
+ * shard is in w->shards from the start (marked starting, so nothing
+ * finishes it), so a REVOKE meanwhile finds and drops it; each callback
+ * finds it again by id and lease token.
+ */
+struct start_op {
+    struct shard_ref ref;
+    char digest[72];
+    json_t *jparams;
+    bool started;     /* start_requests succeeded */
+    bool rows_queued; /* on_rows will come (and free this) */
+};
+
+static void start_op_free(struct start_op *so)
+{
+    json_decref(so->jparams);
+    free(so);
+}
+
+/* The start failed: give the shard back. */
+static void start_failed(struct worker *w, struct wk_shard *s, int rc, const char *err)
+{
+    if (rc == SP_ESTATE) {
+        shard_lost(w, s, err);
+        return;
+    }
+    sp_error("shard %" PRIu64 ": cannot read its requests: %s", s->id, err);
+    char st[32];
+    release_db(w, s->id, s->token, "error", st, sizeof(st));
+    send_release(w, s, "error: cannot read the shard's requests");
+    shard_free(w, s);
+}
+
+static void on_rows(struct worker *w, int rc, PGresult *r, bool conn_ok, const char *err, void *arg)
+{
+    (void)conn_ok;
+    struct start_op *so = arg;
+    struct wk_shard *s = find_shard(w, so->ref.id, so->ref.token);
+    if (!s || !so->started) { /* lost, or start_requests failed (handled there) */
+        start_op_free(so);
+        return;
+    }
+    s->starting = false;
+    if (rc) {
+        start_failed(w, s, rc, err);
+        start_op_free(so);
+        return;
+    }
+    if (w->draining || !w->eng) {
+        /* A drain began meanwhile: it releases the shard, its requests untouched. */
+        start_op_free(so);
+        return;
+    }
+    char e[1024];
+    int rows = PQntuples(r), n_resumed = 0;
+    for (int i = 0; i < rows; i++) {
+        uint64_t id = strtoull(PQgetvalue(r, i, 0), NULL, 10);
+#define COL(c) (PQgetisnull(r, i, c) ? NULL : PQgetvalue(r, i, c))
+        const char *ck = COL(4);
+        if (submit_row(w, s, so->jparams, id, COL(1), COL(2), COL(3), ck, e, sizeof(e)))
+            add_failure(w, s, id, "failed", e);
+        else if (ck)
+            n_resumed++;
+#undef COL
+    }
+    trace_flush(w);
+    start_op_free(so);
+    sp_info("shard %" PRIu64 ": %d requests started (%d resumed from checkpoints), %" PRIu64
+            " refused",
+            s->id, s->n_inflight, n_resumed, s->failed);
+    if (s->n_inflight == 0) {
+        shard_flush(w, s);
+        maybe_finish(w, s);
+    }
+    wk_shards_kick(w);
+}
+
+static void on_started(struct worker *w, int rc, PGresult *r, bool conn_ok, const char *err,
+                       void *arg)
+{
+    (void)r;
+    (void)conn_ok;
+    struct start_op *so = arg;
+    struct wk_shard *s = find_shard(w, so->ref.id, so->ref.token);
+    if (s && rc) {
+        s->starting = false;
+        start_failed(w, s, rc, err);
+    } else if (s) {
+        so->started = true;
+    }
+    if (!so->rows_queued) /* the read could not be queued: on_rows never comes */
+        start_op_free(so);
+}
+
+static void on_job(struct worker *w, int rc, PGresult *r, bool conn_ok, const char *err, void *arg)
+{
+    (void)conn_ok;
+    struct start_op *so = arg;
+    struct wk_shard *s = find_shard(w, so->ref.id, so->ref.token);
+    char e[1024];
+    if (!s) {
+        start_op_free(so);
+        return;
+    }
+    if (rc || PQntuples(r) != 1 || strcmp(PQgetvalue(r, 0, 1), so->digest) != 0) {
+        if (rc)
+            snprintf(e, sizeof(e), "%s", err);
+        else if (PQntuples(r) != 1)
+            snprintf(e, sizeof(e), "job %" PRIu64 " does not exist", s->job_id);
+        else
+            snprintf(e, sizeof(e), "job %" PRIu64 " is pinned to %s, but ASSIGN names %s",
+                     s->job_id, PQgetvalue(r, 0, 1), so->digest);
+        uint64_t id = s->id, token = s->token;
+        shard_free(w, s);
+        start_op_free(so);
+        refuse(w, id, token, e);
+        return;
+    }
+    if (w->draining) {
+        s->starting = false; /* the drain releases it */
+        start_op_free(so);
+        return;
+    }
+    so->jparams = json_loads(PQgetvalue(r, 0, 0), 0, NULL);
+    char a1[24], a2[24];
+    u64s(a1, s->id);
+    u64s(a2, s->token);
+    const char *p2[2] = {a1, a2};
+    /* Both at once: the FIFO runs the read after start_requests, and on_rows checks it. */
+    if (wk_db_submit(w,
+                     "SELECT spool.start_requests($1, $2, ARRAY(SELECT r.id FROM spool.requests r "
+                     "JOIN spool.shards s ON s.id = $1 WHERE r.job_id = s.job_id AND r.id BETWEEN "
+                     "s.first_request_id AND s.last_request_id AND r.state = 'pending'))",
+                     2, p2, on_started, so)) {
+        /* Out of memory: the lease expires and the shard goes to another worker. */
+        sp_error("out of memory starting shard %" PRIu64, s->id);
+        shard_free(w, s);
+        start_op_free(so);
+        return;
+    }
+    if (wk_db_submit(w,
+                     "SELECT r.id, r.prompt, r.messages::text, r.params::text, "
+                     "array_to_json(r.checkpoint)::text FROM spool.requests r JOIN "
+                     "spool.shards s ON s.id = $1 AND s.lease_token = $2 WHERE r.job_id = "
+                     "s.job_id AND r.id BETWEEN s.first_request_id AND s.last_request_id AND "
+                     "r.state = 'running' ORDER BY r.id",
+                     2, p2, on_rows, so) == 0) {
+        so->rows_queued = true;
+    } else {
+        sp_error("out of memory starting shard %" PRIu64, s->id);
+        shard_free(w, s); /* on_started frees so */
+    }
 }
 
 void wk_shard_assign(struct worker *w, const struct sp_wire_assign *a)
 {
-    char err[1024], a1[24], a2[24], a3[24];
+    char err[1024], a3[24];
     sp_info("ASSIGN shard %" PRIu64 " of job %" PRIu64 " (lease %" PRIu64 ", model %s@%u %s)",
             a->shard_id, a->job_id, a->lease_token, a->model.name, a->model.version,
             a->model.digest);
@@ -751,98 +1149,38 @@ void wk_shard_assign(struct worker *w, const struct sp_wire_assign *a)
     }
     int rc = wk_model_load(w, a->model.digest, err, sizeof(err));
     if (rc) {
-        refuse(w, a, err);
+        refuse(w, a->shard_id, a->lease_token, err);
         return;
     }
-    u64s(a1, a->shard_id);
-    u64s(a2, a->lease_token);
-    u64s(a3, a->job_id);
-    /* The job must be pinned to the version the scheduler named. */
-    const char *pj[1] = {a3};
-    PGresult *r;
-    rc = wk_db_call(w,
-                    "SELECT j.params::text, 'sha256:' || m.digest FROM spool.jobs j "
-                    "JOIN spool.models m ON m.id = j.model_id WHERE j.id = $1",
-                    1, pj, &r, err, sizeof(err));
-    if (rc || PQntuples(r) != 1) {
-        if (!rc) {
-            PQclear(r);
-            snprintf(err, sizeof(err), "job %" PRIu64 " does not exist", a->job_id);
-        }
-        refuse(w, a, err);
-        return;
-    }
-    if (strcmp(PQgetvalue(r, 0, 1), a->model.digest) != 0) {
-        snprintf(err, sizeof(err), "job %" PRIu64 " is pinned to %s, but ASSIGN names %s",
-                 a->job_id, PQgetvalue(r, 0, 1), a->model.digest);
-        PQclear(r);
-        refuse(w, a, err);
-        return;
-    }
-    json_t *jparams = json_loads(PQgetvalue(r, 0, 0), 0, NULL);
-    PQclear(r);
-
     struct wk_shard *s = calloc(1, sizeof(*s));
-    if (!s || !(s->results = json_array())) {
+    struct start_op *so = calloc(1, sizeof(*so));
+    if (!s || !so || !(s->results = json_array())) {
         free(s);
-        json_decref(jparams);
+        free(so);
         sp_error("out of memory taking shard %" PRIu64, a->shard_id);
         return;
     }
     s->id = a->shard_id;
     s->job_id = a->job_id;
     s->token = a->lease_token;
+    s->starting = true;
+    so->ref = (struct shard_ref){s->id, s->token};
+    snprintf(so->digest, sizeof(so->digest), "%s", a->model.digest);
+    u64s(a3, a->job_id);
+    /* The job must be pinned to the version the scheduler named (checked in on_job). */
+    const char *pj[1] = {a3};
+    if (wk_db_submit(w,
+                     "SELECT j.params::text, 'sha256:' || m.digest FROM spool.jobs j "
+                     "JOIN spool.models m ON m.id = j.model_id WHERE j.id = $1",
+                     1, pj, on_job, so)) {
+        json_decref(s->results);
+        free(s);
+        free(so);
+        sp_error("out of memory taking shard %" PRIu64, a->shard_id);
+        return;
+    }
     s->next = w->shards;
     w->shards = s;
-
-    const char *p2[2] = {a1, a2};
-    rc = wk_db_call(w,
-                    "SELECT spool.start_requests($1, $2, ARRAY(SELECT r.id FROM spool.requests r "
-                    "JOIN spool.shards s ON s.id = $1 WHERE r.job_id = s.job_id AND r.id BETWEEN "
-                    "s.first_request_id AND s.last_request_id AND r.state = 'pending'))",
-                    2, p2, NULL, err, sizeof(err));
-    if (!rc)
-        rc = wk_db_call(w,
-                        "SELECT r.id, r.prompt, r.messages::text, r.params::text, "
-                        "array_to_json(r.checkpoint)::text FROM spool.requests r JOIN "
-                        "spool.shards s ON s.id = $1 AND s.lease_token = $2 WHERE r.job_id = "
-                        "s.job_id AND r.id BETWEEN s.first_request_id AND s.last_request_id AND "
-                        "r.state = 'running' ORDER BY r.id",
-                        2, p2, &r, err, sizeof(err));
-    if (rc == SP_ESTATE) {
-        json_decref(jparams);
-        shard_lost(w, s, err);
-        return;
-    }
-    if (rc) {
-        json_decref(jparams);
-        sp_error("shard %" PRIu64 ": cannot read its requests: %s", s->id, err);
-        char st[32];
-        release_db(w, s->id, s->token, "error", st, sizeof(st));
-        send_release(w, s, "error: cannot read the shard's requests");
-        shard_free(w, s);
-        return;
-    }
-    int rows = PQntuples(r), n_resumed = 0;
-    for (int i = 0; i < rows; i++) {
-        uint64_t id = strtoull(PQgetvalue(r, i, 0), NULL, 10);
-#define COL(c) (PQgetisnull(r, i, c) ? NULL : PQgetvalue(r, i, c))
-        const char *ck = COL(4);
-        if (submit_row(w, s, jparams, id, COL(1), COL(2), COL(3), ck, err, sizeof(err)))
-            add_failure(w, s, id, "failed", err);
-        else if (ck)
-            n_resumed++;
-#undef COL
-    }
-    PQclear(r);
-    trace_flush(w);
-    json_decref(jparams);
-    sp_info("shard %" PRIu64 ": %d requests started (%d resumed from checkpoints), %" PRIu64
-            " refused",
-            s->id, s->n_inflight, n_resumed, s->failed);
-    if (s->n_inflight == 0)
-        wk_shards_flush(w);
-    wk_shards_kick(w);
 }
 
 /* ---- Drain ---- */
@@ -853,16 +1191,23 @@ void wk_shards_release_all(struct worker *w, const char *reason, int *n_seqs, lo
     *n_seqs = 0;
     *tokens_lost = 0;
     *n_shards = 0;
+    /*
+     * In order, each phase waited for: what was already submitted (a refusal
+     * loses its shard), the unwritten results, a checkpoint of every
+     * in-flight sequence, then the releases. The loop is held meanwhile, as
+     * a drain has nothing better to do.
+     */
+    wk_db_settle(w);
+    for (struct wk_shard *s = w->shards; s; s = s->next)
+        shard_flush(w, s);
+    wk_db_settle(w);
+    for (struct wk_shard *s = w->shards; s; s = s->next)
+        shard_checkpoint(w, s, tokens_lost);
+    wk_db_settle(w);
     while (w->shards) {
         struct wk_shard *s = w->shards;
-        if (!shard_flush(w, s))
-            continue;
         int inflight = s->n_inflight;
-        long unsaved = 0;
-        if (!shard_checkpoint(w, s, &unsaved))
-            continue;
         *n_seqs += inflight;
-        *tokens_lost += unsaved;
         shard_cancel_seqs(w, s);
         char st[32];
         release_db(w, s->id, s->token, reason, st, sizeof(st));
@@ -898,6 +1243,8 @@ static void on_ckpt(uv_timer_t *t)
 void wk_shards_start(struct worker *w)
 {
     uv_timer_init(w->loop, &w->step_timer);
+    uv_idle_init(w->loop, &w->step_idle);
+    w->step_idle.data = w;
     uv_timer_init(w->loop, &w->flush_timer);
     uv_timer_init(w->loop, &w->ckpt_timer);
     w->step_timer.data = w->flush_timer.data = w->ckpt_timer.data = w;
@@ -917,6 +1264,7 @@ void wk_shards_start(struct worker *w)
 void wk_shards_stop(struct worker *w)
 {
     uv_close((uv_handle_t *)&w->step_timer, NULL);
+    uv_close((uv_handle_t *)&w->step_idle, NULL);
     uv_close((uv_handle_t *)&w->flush_timer, NULL);
     uv_close((uv_handle_t *)&w->ckpt_timer, NULL);
     trace_flush(w);

@@ -13,10 +13,15 @@
  *   gpu_time.c    a step's wall time split among its sequences by their work
  *
  * Threading: everything runs on the one libuv loop thread, the engine steps
- * included (one step per loop turn while sequences are active). PostgreSQL
- * calls are blocking on that thread: they are short, on a nearby server, and
- * keeping them in order makes fencing simple. A step or a query delays the
- * heartbeat by its duration; heartbeats are seconds apart, steps milliseconds.
+ * included (one step per loop turn while sequences are active, from an idle
+ * handle, so the frames that arrived during a step are read and a live
+ * request submitted before the next step), except PostgreSQL: one database
+ * thread (db.c) owns the connection and runs statements in FIFO order. The
+ * hot statements (ASSIGN's reads and start_requests, complete_requests,
+ * checkpoint_requests, the final release_shard) are submitted without
+ * waiting, their outcome handled by a callback on the loop; rare paths (a
+ * model load, a refusal's release, the drain, start-up) still wait for
+ * theirs. No engine or libuv handle is touched off the loop.
  */
 #ifndef SPOOL_WORKER_H
 #define SPOOL_WORKER_H
@@ -94,7 +99,8 @@ struct wk_seq {
     struct wk_shard *shard;
     int32_t seq;  /* engine id */
     int n_prompt; /* prompt tokens */
-    int n_ckpt;   /* generated tokens saved by the last checkpoint */
+    int n_ckpt;   /* generated tokens saved by the last committed checkpoint */
+    int n_gen;    /* generated tokens so far (resumed ones included) */
     double gpu_s; /* attributed step time, seconds */
     char *text;   /* output so far: the resumed tokens' text, then each event's (malloc'd) */
     size_t text_len, text_cap;
@@ -112,12 +118,21 @@ struct wk_shard {
     double gpu_s;
     int write_failures; /* consecutive refusals of complete_requests */
     bool ckpt_due;
+    /*
+     * Writes in flight on the database thread (db.c): at most one
+     * complete_requests (its results are out of `results`), one
+     * checkpoint_requests and the final release_shard per shard.
+     */
+    bool writing, ckpt_inflight, finishing;
+    bool starting;           /* ASSIGN's reads are in flight (shards.c): nothing runs yet */
+    uint64_t ckpt_failed_ms; /* uv_now of the last failed checkpoint; 0 = none */
 };
 
 struct worker {
     struct wk_config cfg;
     uv_loop_t *loop;
-    PGconn *db;
+    PGconn *db; /* owned by the database thread once wk_db_start ran (db.c) */
+    struct wk_db *dbt;
     struct sp_store store;
 
     /* The loaded model version (one at a time). */
@@ -153,7 +168,9 @@ struct worker {
 
     /* Shard runner (shards.c). */
     uv_timer_t step_timer, flush_timer, ckpt_timer;
+    uv_idle_t step_idle; /* steps once per loop turn, after I/O was polled */
     bool stepping;
+    bool ckpt_wait; /* stepping paused until a checkpoint commits (the recompute bound) */
     /* Test aid (SPOOL_WORKER_TRACE=PATH): progress lines appended per step; -1 when off. */
     int trace_fd;
 
@@ -175,15 +192,48 @@ void wk_conn_goodbye(struct worker *w, const char *reason);
 void wk_conn_close(struct worker *w);
 
 /* ---- db.c ---- */
-/* Return codes of wk_db_call besides 0: SP_EDB (err says why), SP_ESTATE (lease lost). */
-int wk_db_connect(struct worker *w, char *err, size_t errcap);
 /*
- * Runs one parameterised statement; on success *res (may be NULL to discard)
- * holds the result (caller PQclear's it). A broken connection is reset and the
+ * The database thread. After wk_db_start, w->db belongs to one thread of its
+ * own that runs statements from a FIFO, one at a time, in submission order
+ * (so writes of a shard stay in order). Statements come from the loop thread
+ * only, synchronously (wk_db_call, which waits) or asynchronously
+ * (wk_db_submit, whose callback runs later on the loop thread). The database
+ * thread touches nothing but its connection and the operations handed to it.
+ *
+ * Return codes besides 0: SP_EDB (err says why), SP_ESTATE (lease lost).
+ */
+int wk_db_connect(struct worker *w, char *err, size_t errcap);
+/* Starts the database thread (after uv_default_loop, before uv_run). */
+int wk_db_start(struct worker *w);
+/* On the loop, when it stops: closes the completion handle; later callbacks run in wk_db_stop. */
+void wk_db_close(struct worker *w);
+/* After uv_run: ends the thread, runs what completions are left, closes the connection. */
+void wk_db_stop(struct worker *w);
+/*
+ * Runs one parameterised statement and waits for it (behind every statement
+ * submitted before it); on success *res (may be NULL to discard) holds the
+ * result (caller PQclear's it). A broken connection is reset and the
  * statement sent once more (every worker statement is idempotent or fenced).
+ * Blocks the loop: for rare paths (assignment, drain, start-up).
  */
 int wk_db_call(struct worker *w, const char *sql, int n, const char *const *params, PGresult **res,
                char *err, size_t errcap);
+/*
+ * The outcome of a submitted statement, on the loop thread: rc as for
+ * wk_db_call, res (freed after the callback returns; NULL on error),
+ * conn_ok (false when the connection was broken after an error), err.
+ */
+typedef void (*wk_db_cb)(struct worker *w, int rc, PGresult *res, bool conn_ok, const char *err,
+                         void *arg);
+/*
+ * Queues a statement (sql must be a string constant; params are copied) and
+ * returns at once; cb(arg) runs on the loop thread when it is done. Returns 0,
+ * or SP_ENOMEM (cb is then never called).
+ */
+int wk_db_submit(struct worker *w, const char *sql, int n, const char *const *params, wk_db_cb cb,
+                 void *arg);
+/* Waits until every submitted statement is done and its callback has run (the drain). */
+void wk_db_settle(struct worker *w);
 
 /* ---- model_cache.c ---- */
 /*
