@@ -139,9 +139,21 @@ for _ in $(seq 50); do
     [ "$(json "$h/body" "d['status']")" = cancelled ] && break
     sleep 0.1
 done
+errf=$(json "$h/body" "d['error_file_id']")
 st=$(call "$key_a" DELETE "/v1/files/$file")
 [ "$st" = 200 ] && [ "$(json "$h/body" "d['id'], d['object'], d['deleted']")" = "$file file True" ] ||
     fail "delete: $st $(cat "$h/body")"
 st=$(call "$key_a" GET "/v1/files/$file")
 [ "$st" = 404 ] || fail "a deleted file reads as $st"
+
+# As the tenants' database roles: B's cannot delete A's file even passing
+# NULL (every tenant); A's can.
+q "CREATE ROLE tb_role; CREATE ROLE ta_role;
+   SELECT spool.grant_tenant_role('tenant-b', 'tb_role');
+   SELECT spool.grant_tenant_role('tenant-a', 'ta_role')" >/dev/null
+[ "$(q "SET ROLE tb_role; SELECT spool.delete_file(NULL, '$errf') IS NULL")" = t ] ||
+    fail "tenant B's role deleted A's file"
+[ "$(q "SELECT count(*) FROM spool.files WHERE id = '$errf'")" = 1 ] || fail "A's error file is gone"
+[ "$(q "SET ROLE ta_role; SELECT spool.delete_file('tenant-a', '$errf') ->> 'deleted'")" = true ] ||
+    fail "tenant A's role cannot delete its file"
 echo "ok"
