@@ -1,5 +1,5 @@
 -- The OpenAI Batch API, continued (0009): an operator's view of every tenant,
--- and deleting files.
+-- deleting files, and bad chat messages named by index (3., below).
 --
 -- 1. Reads and cancels take tenant NULL as "every tenant": the scheduler
 --    passes NULL for an admin key (scope admin), so that an operator lists,
@@ -64,6 +64,105 @@ BEGIN
     DELETE FROM spool.files x WHERE x.id = f.id;
     RETURN jsonb_build_object('id', f.id, 'object', 'file', 'deleted', true);
 END $$;
+
+-- 3. A bad chat message in a batch input line is named by its index and field
+--    (line 4: body.messages[1].content must be a string ...), instead of one
+--    message for every kind of bad message. Otherwise batch_lines is 0009's.
+CREATE OR REPLACE FUNCTION spool.batch_lines(content text, endpoint text, all_json boolean DEFAULT true)
+RETURNS TABLE (n bigint, custom_id text, code text, problem text, model text, prompt text,
+               messages jsonb, params jsonb)
+LANGUAGE sql STABLE AS $$
+    WITH raw AS (
+        SELECT t.o AS n, rtrim(t.raw, E'\r') AS line
+          FROM string_to_table(content, E'\n') WITH ORDINALITY AS t(raw, o)
+         WHERE btrim(rtrim(t.raw, E'\r'), E' \t') <> ''
+    ), parsed AS (
+        SELECT r.n, p.j, p.msg FROM raw r
+         CROSS JOIN LATERAL (SELECT r.line::jsonb AS j, NULL::text AS msg WHERE all_json
+                             UNION ALL
+                             SELECT x.j, x.msg FROM spool.try_jsonb(r.line) x WHERE NOT all_json) p
+    ), fields AS (
+        SELECT p.n, p.j, p.msg,
+               CASE WHEN jsonb_typeof(p.j) = 'object' AND jsonb_typeof(p.j -> 'custom_id') = 'string'
+                         AND p.j ->> 'custom_id' <> '' THEN p.j ->> 'custom_id' END AS cid,
+               CASE WHEN jsonb_typeof(p.j) = 'object' THEN p.j -> 'body' END AS body,
+               -- The first chat message that is not {"role": string, "content": string}, named.
+               CASE WHEN endpoint = '/v1/chat/completions' AND jsonb_typeof(p.j) = 'object'
+                         AND jsonb_typeof(p.j -> 'body' -> 'messages') = 'array' THEN
+                   (SELECT format('body.messages[%s]%s', m.i - 1,
+                                  CASE WHEN jsonb_typeof(m.v) <> 'object'
+                                         THEN ' must be an object with string "role" and "content"'
+                                       WHEN jsonb_typeof(m.v -> 'role') IS DISTINCT FROM 'string'
+                                         THEN '.role must be a string'
+                                       ELSE '.content must be a string (content parts are not supported)'
+                                  END)
+                      FROM jsonb_array_elements(p.j -> 'body' -> 'messages') WITH ORDINALITY m(v, i)
+                     WHERE jsonb_typeof(m.v) <> 'object'
+                        OR jsonb_typeof(m.v -> 'role') IS DISTINCT FROM 'string'
+                        OR jsonb_typeof(m.v -> 'content') IS DISTINCT FROM 'string'
+                     ORDER BY m.i LIMIT 1)
+               END AS bad_message
+          FROM parsed p
+    ), checked AS (
+        SELECT f.n, f.cid, f.body,
+               CASE
+                 WHEN f.j IS NULL THEN ARRAY['invalid_json', 'not valid JSON: ' || f.msg]
+                 WHEN jsonb_typeof(f.j) <> 'object'
+                   THEN ARRAY['invalid_json', 'a line must be a JSON object, got ' || jsonb_typeof(f.j)]
+                 WHEN f.cid IS NULL
+                   THEN ARRAY['missing_required_parameter', 'custom_id must be a non-empty string']
+                 WHEN min(f.n) OVER (PARTITION BY f.cid) < f.n
+                   THEN ARRAY['duplicate_custom_id', format('custom_id "%s" was already used on line %s',
+                                                            f.cid, min(f.n) OVER (PARTITION BY f.cid))]
+                 WHEN f.j ->> 'method' IS DISTINCT FROM 'POST'
+                   THEN ARRAY['invalid_request', format('method must be "POST", got %s',
+                                                        coalesce((f.j -> 'method')::text, 'nothing'))]
+                 WHEN f.j ->> 'url' IS DISTINCT FROM endpoint
+                   THEN ARRAY['invalid_request', format('url must be "%s" (the batch''s endpoint), got %s',
+                                                        endpoint, coalesce((f.j -> 'url')::text, 'nothing'))]
+                 WHEN jsonb_typeof(f.body) IS DISTINCT FROM 'object'
+                   THEN ARRAY['missing_required_parameter', 'body must be a JSON object']
+                 WHEN jsonb_typeof(f.body -> 'model') IS DISTINCT FROM 'string' OR f.body ->> 'model' = ''
+                   THEN ARRAY['missing_required_parameter', 'body.model must be a non-empty string']
+                 WHEN endpoint = '/v1/chat/completions'
+                      AND (jsonb_typeof(f.body -> 'messages') IS DISTINCT FROM 'array'
+                           OR jsonb_array_length(f.body -> 'messages') = 0)
+                   THEN ARRAY['missing_required_parameter',
+                              'body.messages must be a non-empty array of {"role", "content"} objects']
+                 WHEN endpoint = '/v1/chat/completions' AND f.bad_message IS NOT NULL
+                   THEN ARRAY['invalid_request', f.bad_message]
+                 WHEN endpoint = '/v1/completions' AND jsonb_typeof(f.body -> 'prompt') IS DISTINCT FROM 'string'
+                   THEN ARRAY['missing_required_parameter', 'body.prompt must be a string']
+                 WHEN f.body ? 'n' AND f.body -> 'n' NOT IN ('null'::jsonb, '1'::jsonb)
+                   THEN ARRAY['unsupported_parameter', 'body.n must be 1']
+                 WHEN f.body ? 'stream' AND f.body -> 'stream' NOT IN ('null'::jsonb, 'false'::jsonb)
+                   THEN ARRAY['unsupported_parameter', 'body.stream is not supported in a batch']
+               END AS bad
+          FROM fields f
+    ), batch_model AS (
+        SELECT c.body ->> 'model' AS model FROM checked c WHERE c.bad IS NULL ORDER BY c.n LIMIT 1
+    ), final AS (
+        SELECT c.n, c.cid, c.body,
+               coalesce(c.bad, CASE WHEN c.body ->> 'model' <> m.model THEN
+                   ARRAY['model_mismatch', format('body.model is "%s" but earlier lines name "%s"; '
+                                                  'one batch runs one model', c.body ->> 'model', m.model)]
+                   END) AS bad
+          FROM checked c LEFT JOIN batch_model m ON true
+    )
+    SELECT f.n, f.cid, f.bad[1], CASE WHEN f.bad IS NOT NULL THEN format('line %s: %s', f.n, f.bad[2]) END,
+           CASE WHEN f.bad IS NULL THEN f.body ->> 'model' END,
+           CASE WHEN f.bad IS NULL AND endpoint = '/v1/completions' THEN f.body ->> 'prompt' END,
+           CASE WHEN f.bad IS NULL AND endpoint = '/v1/chat/completions' THEN f.body -> 'messages' END,
+           CASE WHEN f.bad IS NULL THEN
+               CASE WHEN jsonb_typeof(f.body -> 'max_completion_tokens') IS DISTINCT FROM 'null'
+                         AND f.body ? 'max_completion_tokens'
+                    THEN (f.body - '{model,messages,prompt,n,stream,max_tokens,max_completion_tokens}'::text[])
+                         || jsonb_build_object('max_tokens', f.body -> 'max_completion_tokens')
+                    ELSE f.body - '{model,messages,prompt,n,stream,max_completion_tokens}'::text[] END
+           END
+      FROM final f
+     ORDER BY f.n
+$$;
 
 -- The reads and cancel of 0009, with tenant NULL for every tenant.
 

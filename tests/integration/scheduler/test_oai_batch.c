@@ -771,6 +771,54 @@ static void a_stalled_create_leaves_the_work_connection_free(void **state)
     free(file);
 }
 
+/* A bad chat message is named by its line, index and field in the batch's input errors. */
+static void bad_messages_are_named_by_line_and_index(void **state)
+{
+    (void)state;
+    static const char lines[] =
+        "{\"custom_id\": \"ok\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", "
+        "\"body\": {\"model\": \"tiny\", \"messages\": [{\"role\": \"user\", \"content\": "
+        "\"x\"}]}}\n"
+        "\n"
+        "{\"custom_id\": \"parts\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", "
+        "\"body\": {\"model\": \"tiny\", \"messages\": [{\"role\": \"system\", \"content\": "
+        "\"s\"}, {\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"x\"}]}]}}\n"
+        "{\"custom_id\": \"role\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", "
+        "\"body\": {\"model\": \"tiny\", \"messages\": [{\"content\": \"x\"}]}}\n";
+    sh_call_t c = {.method = "POST",
+                   .body = lines,
+                   .body_len = strlen(lines),
+                   .query = {{"purpose", "batch"}}};
+    run(&c, "/v1/files", "tm");
+    assert_int_equal(c.status, 200);
+    json_t *j = resp_json(&c);
+    char *file = strdup(json_string_value(json_object_get(j, "id")));
+    json_decref(j);
+    done(&c);
+    char body[256];
+    snprintf(body, sizeof body,
+             "{\"input_file_id\": \"%s\", \"endpoint\": \"/v1/chat/completions\"}", file);
+    c = (sh_call_t){.method = "POST", .body = body, .body_len = strlen(body)};
+    run(&c, "/v1/batches", "tm");
+    assert_int_equal(c.status, 200);
+    j = resp_json(&c);
+    const char *p[] = {json_string_value(json_object_get(j, "id"))};
+    PGresult *r =
+        PQexecParams(pc,
+                     "SELECT string_agg(e ->> 'message', '|' ORDER BY (e ->> 'line')::int)"
+                     " FROM spool.batches b, jsonb_array_elements(b.input_errors) e "
+                     "WHERE b.id = $1",
+                     1, NULL, p, NULL, NULL, 0);
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    assert_string_equal(PQgetvalue(r, 0, 0),
+                        "line 3: body.messages[1].content must be a string (content parts are "
+                        "not supported)|line 4: body.messages[0].role must be a string");
+    PQclear(r);
+    json_decref(j);
+    done(&c);
+    free(file);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -779,6 +827,7 @@ int main(void)
         cmocka_unit_test(admin_keys_see_every_tenant),
         cmocka_unit_test(files_are_deleted_unless_a_batch_reads_them),
         cmocka_unit_test(a_stalled_create_leaves_the_work_connection_free),
+        cmocka_unit_test(bad_messages_are_named_by_line_and_index),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
