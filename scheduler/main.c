@@ -72,6 +72,9 @@ void sched_shutdown(struct sched *s, int exit_code)
     sched_rate_stop(s);
     sched_leader_stop(s);
     sched_db_close(s);
+    if (s->batchdb)
+        sp_pgconn_close(s->batchdb, NULL, NULL);
+    s->batchdb = NULL;
     uv_close((uv_handle_t *)&s->sigs[0], NULL);
     uv_close((uv_handle_t *)&s->sigs[1], NULL);
 }
@@ -279,7 +282,11 @@ int main(int argc, char **argv)
 
     s->loop = uv_default_loop();
     int rc;
+    /* The Batch API's connection: queued queries wait for it like the work connection's. */
+    struct sp_pgconn_opts bo = {
+        .backoff_base_ms = 100, .backoff_cap_ms = 1000, .connect_timeout_ms = 5000};
     if ((rc = sched_metrics_init(s)) != 0 || (rc = sched_db_open(s)) != 0 ||
+        (rc = sp_pgconn_open(s->loop, cfg->dsn, &bo, &s->batchdb)) != 0 ||
         (rc = sched_leader_start(s)) != 0 || (rc = sched_sweep_init(s)) != 0 ||
         (rc = sched_livelog_init(s, NULL)) != 0) {
         sp_error("cannot start: %s (check --dsn)", sp_strerror(rc));

@@ -1,16 +1,23 @@
 /*
  * The OpenAI Batch API (see oai_batch.h). Each handler checks its input,
- * sends one query on the scheduler's work connection (s->db) to a function
- * of migration 0009, which does the work in one transaction and renders the
- * OpenAI object as JSON, and answers from the query's callback. The tenant
- * is always the key's (sh_principal); the SQL functions touch only that
- * tenant's rows, so another tenant's id reads as unknown: 404.
+ * sends one query to a function of migrations 0009/0011, which does the work
+ * in one transaction and renders the OpenAI object as JSON, and answers from
+ * the query's callback. The queries go on the Batch API's own connection
+ * (s->batchdb), never on the work connection (s->db): a create_batch over a
+ * big file takes seconds, and sweeps, key checks and the live lane must not
+ * wait behind it. Batch API requests wait for each other, in order.
+ *
+ * Tenants: a new file or batch belongs to the key's tenant (sh_principal).
+ * Reads, cancels and deletes pass the key's tenant, and the SQL functions
+ * touch only that tenant's rows, so another tenant's id reads as unknown:
+ * 404. An admin key (SCHED_SCOPE_ADMIN) passes NULL, "every tenant": an
+ * operator lists, reads, cancels and deletes any tenant's batches and files.
  *
  * Database errors map to HTTP: invalid_parameter_value (22023) and
  * no_data_found (P0002) raised by the functions are the caller's mistakes
- * (400, naming the field from the error's COLUMN), text that is not UTF-8
- * is 400, any other server error is 500, and a query that could not run
- * (no connection) is 503 with Retry-After.
+ * (400, naming the field from the error's COLUMN), object_in_use (55006) is
+ * 409, text that is not UTF-8 is 400, any other server error is 500, and a
+ * query that could not run (no connection) is 503 with Retry-After.
  */
 #include "oai_batch.h"
 
@@ -35,12 +42,14 @@ static void handle_batch_create(struct sched *s, sh_call_t *c);
 static void handle_batch_list(struct sched *s, sh_call_t *c);
 static void handle_batch_get(struct sched *s, sh_call_t *c);
 static void handle_batch_cancel(struct sched *s, sh_call_t *c);
+static void handle_file_delete(struct sched *s, sh_call_t *c);
 
 const struct sh_route sched_batch_routes[] = {
     {"POST", "/v1/files", SCHED_SCOPE_BATCH, handle_file_create},
     {"GET", "/v1/files", SCHED_SCOPE_BATCH, handle_file_list},
     {"GET", "/v1/files/{id}", SCHED_SCOPE_BATCH, handle_file_get},
     {"GET", "/v1/files/{id}/content", SCHED_SCOPE_BATCH, handle_file_content},
+    {"DELETE", "/v1/files/{id}", SCHED_SCOPE_BATCH, handle_file_delete},
     {"POST", "/v1/batches", SCHED_SCOPE_BATCH, handle_batch_create},
     {"GET", "/v1/batches", SCHED_SCOPE_BATCH, handle_batch_list},
     {"GET", "/v1/batches/{id}", SCHED_SCOPE_BATCH, handle_batch_get},
@@ -51,10 +60,24 @@ const int sched_batch_n_routes = sizeof sched_batch_routes / sizeof sched_batch_
 /* The most parts a file upload may have (purpose, file, and a few extra fields). */
 #define MAX_PARTS 16
 
+/* The key's tenant: the owner of what the call creates. */
 static const char *tenant_of(sh_call_t *c)
 {
     const struct sched_principal *p = sh_principal(c);
     return p ? p->tenant : NULL;
+}
+
+/*
+ * Whose files and batches the call may read, cancel or delete: the key's
+ * tenant, or NULL (every tenant) for an admin key. Without a principal
+ * (never, on these routes) no tenant's: "".
+ */
+static const char *scope_of(sh_call_t *c)
+{
+    const struct sched_principal *p = sh_principal(c);
+    if (!p)
+        return "";
+    return p->scopes & SCHED_SCOPE_ADMIN ? NULL : p->tenant;
 }
 
 static void unavailable(sh_call_t *c)
@@ -85,7 +108,9 @@ static void db_error(sh_call_t *c, PGresult *res, const char *err, const char *w
     const char *state = field(res, PG_DIAG_SQLSTATE);
     const char *col = field(res, PG_DIAG_COLUMN_NAME);
     const char *msg = field(res, PG_DIAG_MESSAGE_PRIMARY);
-    if (strcmp(state, "22023") == 0 || strcmp(state, "P0002") == 0) {
+    if (strcmp(state, "55006") == 0) {
+        sh_respond_error(c, 409, "invalid_request_error", *col ? col : NULL, "in_use", "%s", msg);
+    } else if (strcmp(state, "22023") == 0 || strcmp(state, "P0002") == 0) {
         sh_respond_error(c, 400, "invalid_request_error", *col ? col : NULL,
                          strcmp(state, "P0002") == 0 ? "not_found" : "invalid_value", "%s", msg);
     } else if (strcmp(state, "22021") == 0 || strcmp(state, "22P05") == 0) {
@@ -120,7 +145,7 @@ static void answer_json_text(sh_call_t *c, PGresult *res, const char *err, const
 static void query(struct sched *s, sh_call_t *c, const char *sql, int n, const char *const *p,
                   sp_pgconn_result_cb cb)
 {
-    if (!s->db || sp_pgconn_query(s->db, sql, n, p, cb, c) != 0)
+    if (!s->batchdb || sp_pgconn_query(s->batchdb, sql, n, p, cb, c) != 0)
         unavailable(c);
 }
 
@@ -287,7 +312,7 @@ static void handle_file_list(struct sched *s, sh_call_t *c)
     char lim[16];
     if (!limit_param(c, 10000, 10000, lim))
         return;
-    const char *p[] = {tenant_of(c), sh_query(c, "purpose"), lim, sh_query(c, "after")};
+    const char *p[] = {scope_of(c), sh_query(c, "purpose"), lim, sh_query(c, "after")};
     query(s, c, "SELECT spool.file_list($1, $2, $3::int, $4)::text", 4, p, on_file_list);
 }
 
@@ -299,7 +324,7 @@ static void on_file_get(sp_pgconn_t *conn, PGresult *res, const char *err, void 
 
 static void handle_file_get(struct sched *s, sh_call_t *c)
 {
-    const char *p[] = {tenant_of(c), sh_param(c, 0)};
+    const char *p[] = {scope_of(c), sh_param(c, 0)};
     query(s, c, "SELECT spool.file_get($1, $2)::text", 2, p, on_file_get);
 }
 
@@ -322,8 +347,20 @@ static void on_file_content(sp_pgconn_t *conn, PGresult *res, const char *err, v
 
 static void handle_file_content(struct sched *s, sh_call_t *c)
 {
-    const char *p[] = {tenant_of(c), sh_param(c, 0)};
+    const char *p[] = {scope_of(c), sh_param(c, 0)};
     query(s, c, "SELECT spool.file_content($1, $2)", 2, p, on_file_content);
+}
+
+static void on_file_deleted(sp_pgconn_t *conn, PGresult *res, const char *err, void *arg)
+{
+    (void)conn;
+    answer_json_text(arg, res, err, "deleting a file", "file");
+}
+
+static void handle_file_delete(struct sched *s, sh_call_t *c)
+{
+    const char *p[] = {scope_of(c), sh_param(c, 0)};
+    query(s, c, "SELECT spool.delete_file($1, $2)::text", 2, p, on_file_deleted);
 }
 
 /* ---- Batches ------------------------------------------------------------- */
@@ -404,7 +441,7 @@ static void handle_batch_list(struct sched *s, sh_call_t *c)
     char lim[16];
     if (!limit_param(c, 20, 100, lim))
         return;
-    const char *p[] = {tenant_of(c), lim, sh_query(c, "after")};
+    const char *p[] = {scope_of(c), lim, sh_query(c, "after")};
     query(s, c, "SELECT spool.batch_list($1, $2::int, $3)::text", 3, p, on_batch_list);
 }
 
@@ -416,7 +453,7 @@ static void on_batch_get(sp_pgconn_t *conn, PGresult *res, const char *err, void
 
 static void handle_batch_get(struct sched *s, sh_call_t *c)
 {
-    const char *p[] = {tenant_of(c), sh_param(c, 0)};
+    const char *p[] = {scope_of(c), sh_param(c, 0)};
     query(s, c, "SELECT spool.batch_get($1, $2)::text", 2, p, on_batch_get);
 }
 
@@ -428,6 +465,6 @@ static void on_batch_cancel(sp_pgconn_t *conn, PGresult *res, const char *err, v
 
 static void handle_batch_cancel(struct sched *s, sh_call_t *c)
 {
-    const char *p[] = {tenant_of(c), sh_param(c, 0)};
+    const char *p[] = {scope_of(c), sh_param(c, 0)};
     query(s, c, "SELECT spool.cancel_batch($1, $2)::text", 2, p, on_batch_cancel);
 }

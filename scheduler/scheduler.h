@@ -91,6 +91,13 @@ struct sched {
 
     sp_pgconn_t *db;   /* work connection: queries, LISTEN */
     sp_pgconn_t *lock; /* holds the leadership lock for its session */
+    /*
+     * The Batch API's own connection (oai_batch.c) and the sweep's
+     * finalize_batches: a create_batch over a big file takes seconds, and on
+     * the work connection it would hold up sweeps and every other query.
+     */
+    sp_pgconn_t *batchdb;
+    bool finalizing; /* a finalize_batches is queued on batchdb */
     bool active;
     uint64_t epoch;
     bool lock_inflight;

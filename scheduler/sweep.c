@@ -11,7 +11,8 @@
  *   5. sched_place() in C, then per placement:
  *      spool.lease_shard(shard, worker, ttl) -> ASSIGN with the new token
  *
- * Beside the chain, each sweep queues SELECT spool.finalize_batches(), which
+ * Beside the chain, each sweep queues SELECT spool.finalize_batches() on the
+ * Batch API's connection (s->batchdb; unless one is still queued there), which
  * writes the output and error files of OpenAI batches whose jobs have ended
  * (migration 0009); a job's end NOTIFYs spool_job_done, which sweeps.
  *
@@ -313,10 +314,12 @@ static void on_expire(sp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 static void on_finalized(sp_pgconn_t *c, PGresult *res, const char *err, void *arg)
 {
     (void)c;
-    (void)arg;
-    if (err)
-        sp_warn("finalizing batches: %s", err);
-    else if (strcmp(PQgetvalue(res, 0, 0), "0") != 0)
+    struct sched *s = arg;
+    s->finalizing = false;
+    if (err) {
+        if (!s->stopping)
+            sp_warn("finalizing batches: %s", err);
+    } else if (strcmp(PQgetvalue(res, 0, 0), "0") != 0)
         sp_info("finalized %s batch(es): output and error files written", PQgetvalue(res, 0, 0));
 }
 
@@ -334,7 +337,11 @@ void sched_sweep(struct sched *s)
     sw->s = s;
     sw->epoch = s->epoch;
     s->sweeping = true;
-    sp_pgconn_query(s->db, "SELECT spool.finalize_batches()", 0, NULL, on_finalized, NULL);
+    /* On the Batch API's connection, one at a time: writing a big output file takes a while. */
+    if (s->batchdb && !s->finalizing &&
+        sp_pgconn_query(s->batchdb, "SELECT spool.finalize_batches()", 0, NULL, on_finalized, s) ==
+            0)
+        s->finalizing = true;
     if (sp_pgconn_query(s->db, "SELECT count(*) FROM spool.expire_leases()", 0, NULL, on_expire,
                         sw) != 0)
         sweep_end(sw);

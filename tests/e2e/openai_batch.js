@@ -1,6 +1,7 @@
 // The OpenAI Batch API through the official openai npm client against a
 // running spool-scheduler (HTTP) and spool-worker. Run by openai_batch.sh:
-//   node openai_batch.js NODE_DIR BASE_URL KEY_A KEY_B SPOOL MODEL_DIR WORK_DIR
+//   node openai_batch.js NODE_DIR BASE_URL KEY_A KEY_B SPOOL MODEL_DIR WORK_DIR KEY_OPS
+// (KEY_OPS: an admin key of a third tenant.)
 // Exits 0 when every check holds; otherwise prints what differed and exits 1.
 'use strict';
 const assert = require('assert/strict');
@@ -8,11 +9,12 @@ const { execFileSync } = require('child_process');
 const fs = require('fs');
 const path = require('path');
 
-const [, , nodeDir, base, keyA, keyB, spool, modelDir, work] = process.argv;
+const [, , nodeDir, base, keyA, keyB, spool, modelDir, work, keyOps] = process.argv;
 const OpenAI = require(path.join(nodeDir, 'node_modules', 'openai'));
 
 const a = new OpenAI({ apiKey: keyA, baseURL: base + '/v1', maxRetries: 0, timeout: 30000 });
 const b = new OpenAI({ apiKey: keyB, baseURL: base + '/v1', maxRetries: 0, timeout: 30000 });
+const ops = new OpenAI({ apiKey: keyOps, baseURL: base + '/v1', maxRetries: 0, timeout: 30000 });
 const params = { max_tokens: 8, temperature: 0.8, top_p: 0.95, seed: 42 };
 
 // The reference: spool generate on the same inputs and parameters.
@@ -188,6 +190,9 @@ async function errorsAndCancel() {
   }
   const file = await a.files.create({ file: await OpenAI.toFile(Buffer.from(lines.join('\n')), 'big.jsonl'), purpose: 'batch' });
   const created = await a.batches.create({ input_file_id: file.id, endpoint: '/v1/chat/completions', completion_window: '24h' });
+  const inUse = await expectStatus(a.files.delete(file.id), 409, "deleting an open batch's input");
+  assert.equal(inUse.param, 'id');
+  assert.ok(inUse.message.includes(created.id), inUse.message);
   const c = await a.batches.cancel(created.id);
   assert.equal(c.status, 'cancelling');
   const done = await waitFor(a, created.id, ['cancelled', 'completed', 'failed', 'expired'], 30);
@@ -213,6 +218,22 @@ async function tenantIsolation(file, batch) {
   assert.equal(fl.data.length, 0);
   const bad = new OpenAI({ apiKey: 'sk-spool-nope', baseURL: base + '/v1', maxRetries: 0 });
   await expectStatus(bad.batches.list(), 401, 'an unknown key');
+  await expectStatus(b.files.delete(file.id), 404, "B deletes A's file");
+}
+
+// An admin key (of another tenant) sees and reads A's batches and files;
+// then A deletes its finished batch's input file, which the batch still names.
+async function adminAndDelete(file, batch) {
+  const bl = await ops.batches.list({ limit: 100 });
+  assert.ok(bl.data.some((x) => x.id === batch.id), 'the admin key lists A\'s batch');
+  assert.equal((await ops.batches.retrieve(batch.id)).status, 'completed');
+  assert.equal((await ops.files.retrieve(file.id)).id, file.id);
+  const out = await (await ops.files.content(batch.output_file_id)).text();
+  assert.equal(out, await (await a.files.content(batch.output_file_id)).text());
+  const d = await a.files.delete(file.id);
+  assert.deepEqual({ id: d.id, object: d.object, deleted: d.deleted }, { id: file.id, object: 'file', deleted: true });
+  await expectStatus(a.files.retrieve(file.id), 404, 'a deleted file');
+  assert.equal((await a.batches.retrieve(batch.id)).input_file_id, file.id);
 }
 
 (async () => {
@@ -224,6 +245,8 @@ async function tenantIsolation(file, batch) {
   console.log('errors and cancel: ok');
   await tenantIsolation(file, batch);
   console.log('tenant B sees nothing of tenant A: ok');
+  await adminAndDelete(file, batch);
+  console.log('an admin key sees every tenant; files deleted: ok');
 })().catch((e) => {
   console.error('FAIL:', e && e.stack ? e.stack : e);
   process.exit(1);

@@ -42,6 +42,7 @@ q() { psql "$dsn" -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
 "$spool" models push "$models/llama-f32" --name tiny --alias prod >/dev/null
 key_a=$(q "SELECT key FROM spool.create_api_key('tenant-a')")
 key_b=$(q "SELECT key FROM spool.create_api_key('tenant-b')")
+key_ops=$(q "SELECT key FROM spool.create_api_key('ops', 'operator', '{admin}')")
 
 "$scheduler" --listen 127.0.0.1:0 --port-file "$h/sched.port" --http-listen 127.0.0.1:0 \
     --http-port-file "$h/http.port" --heartbeat-ms 200 --lease-ttl-ms 2000 --sweep-ms 200 \
@@ -55,7 +56,7 @@ pids+=($!)
 
 mkdir -p "$h/work"
 node "$here/openai_batch.js" "$node_dir" "http://127.0.0.1:$(cat "$h/http.port")" "$key_a" "$key_b" \
-    "$spool" "$models/llama-f32" "$h/work"
+    "$spool" "$models/llama-f32" "$h/work" "$key_ops"
 
 # Row-level security as the tenants' database roles: A's role sees A's
 # batches and files only, B's role none of them.

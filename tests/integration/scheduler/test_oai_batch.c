@@ -6,7 +6,10 @@
  * with the scheduler's asynchronous connection. Checks: multipart and raw
  * uploads, content read back, batches made, listed, cancelled and finalized
  * (the job run through the lease functions), every error status with its
- * field, and that another tenant's ids are 404.
+ * field, and that another tenant's ids are 404 while an admin key sees every
+ * tenant's; DELETE /v1/files/{id}; and that a create_batch stalled on a
+ * lock runs on the Batch API's own connection (s.batchdb), leaving the work
+ * connection (s.db) free.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -158,9 +161,11 @@ static int setup(void **state)
     uv_loop_init(&loop);
     s.loop = &loop;
     assert_int_equal(sp_pgconn_open(&loop, t.dsn, NULL, &s.db), 0);
-    for (int i = 0; i < 500 && !sp_pgconn_is_up(s.db); i++)
+    assert_int_equal(sp_pgconn_open(&loop, t.dsn, NULL, &s.batchdb), 0);
+    for (int i = 0; i < 500 && !(sp_pgconn_is_up(s.db) && sp_pgconn_is_up(s.batchdb)); i++)
         uv_run(&loop, UV_RUN_NOWAIT), uv_sleep(10);
     assert_true(sp_pgconn_is_up(s.db));
+    assert_true(sp_pgconn_is_up(s.batchdb));
     return 0;
 }
 
@@ -168,6 +173,7 @@ static int teardown(void **state)
 {
     (void)state;
     sp_pgconn_close(s.db, NULL, NULL);
+    sp_pgconn_close(s.batchdb, NULL, NULL);
     uv_run(&loop, UV_RUN_DEFAULT);
     assert_int_equal(uv_loop_close(&loop), 0);
     PQfinish(pc);
@@ -187,18 +193,37 @@ static const struct sh_route *route(const char *method, const char *pattern)
     return NULL;
 }
 
-/* Runs the call's handler and the loop until it is answered. */
-static void run(sh_call_t *c, const char *pattern, const char *tenant)
+/* Starts the call's handler as tenant's key with scopes; the loop answers it later. */
+static void start_as(sh_call_t *c, const char *pattern, const char *tenant, unsigned scopes)
 {
     snprintf(c->who.tenant, sizeof c->who.tenant, "%s", tenant);
-    c->who.scopes = SCHED_SCOPE_BATCH;
+    c->who.scopes = scopes;
     if (!c->path)
         c->path = pattern;
     route(c->method, pattern)->handle(&s, c);
+}
+
+/* Runs the loop until the call is answered (3 s at most). */
+static void wait_answer(sh_call_t *c, const char *pattern)
+{
     for (int i = 0; i < 3000 && !c->answered; i++)
         uv_run(&loop, UV_RUN_NOWAIT), uv_sleep(1);
     if (!c->answered)
         fail_msg("%s %s was not answered", c->method, pattern);
+}
+
+/* Runs the call's handler as an admin key of tenant, and the loop until it is answered. */
+static void run_admin(sh_call_t *c, const char *pattern, const char *tenant)
+{
+    start_as(c, pattern, tenant, SCHED_SCOPE_ADMIN);
+    wait_answer(c, pattern);
+}
+
+/* Runs the call's handler and the loop until it is answered. */
+static void run(sh_call_t *c, const char *pattern, const char *tenant)
+{
+    start_as(c, pattern, tenant, SCHED_SCOPE_BATCH);
+    wait_answer(c, pattern);
 }
 
 static void done(sh_call_t *c)
@@ -506,11 +531,303 @@ static void bad_requests_name_the_field(void **state)
     done(&r);
 }
 
+/* True when the list response c has an element with this id. */
+static bool lists(const sh_call_t *c, const char *id)
+{
+    json_t *j = resp_json(c);
+    json_t *e;
+    size_t i;
+    bool found = false;
+    json_array_foreach(json_object_get(j, "data"), i, e)
+    {
+        if (strcmp(json_string_value(json_object_get(e, "id")), id) == 0)
+            found = true;
+    }
+    json_decref(j);
+    return found;
+}
+
+static void admin_keys_see_every_tenant(void **state)
+{
+    (void)state;
+    char *file = upload("ta2");
+    char *batch = create("ta2", file);
+
+    /* An admin key of another tenant lists and reads ta2's batch and file. */
+    sh_call_t c = {.method = "GET"};
+    run_admin(&c, "/v1/batches", "ops");
+    assert_int_equal(c.status, 200);
+    assert_true(lists(&c, batch));
+    done(&c);
+    c = (sh_call_t){.method = "GET"};
+    run_admin(&c, "/v1/files", "ops");
+    assert_int_equal(c.status, 200);
+    assert_true(lists(&c, file));
+    done(&c);
+    c = (sh_call_t){.method = "GET", .params = {batch}};
+    run_admin(&c, "/v1/batches/{id}", "ops");
+    assert_int_equal(c.status, 200);
+    assert_non_null(strstr(c.resp, file));
+    done(&c);
+    c = (sh_call_t){.method = "GET", .params = {file}};
+    run_admin(&c, "/v1/files/{id}", "ops");
+    assert_int_equal(c.status, 200);
+    done(&c);
+    c = (sh_call_t){.method = "GET", .params = {file}};
+    run_admin(&c, "/v1/files/{id}/content", "ops");
+    assert_int_equal(c.status, 200);
+    assert_string_equal(c.resp, jsonl);
+    done(&c);
+
+    /* An ordinary key of another tenant sees none of it. */
+    c = (sh_call_t){.method = "GET"};
+    run(&c, "/v1/batches", "tb2");
+    assert_int_equal(c.status, 200);
+    assert_false(lists(&c, batch));
+    done(&c);
+    c = (sh_call_t){.method = "GET"};
+    run(&c, "/v1/files", "tb2");
+    assert_false(lists(&c, file));
+    done(&c);
+    c = (sh_call_t){.method = "GET", .params = {batch}};
+    run(&c, "/v1/batches/{id}", "tb2");
+    expect_error(&c, 404, "id", NULL);
+    done(&c);
+
+    /* What an admin creates is its own tenant's: ta2's file is no input for it. */
+    char body[256];
+    snprintf(body, sizeof body,
+             "{\"input_file_id\": \"%s\", \"endpoint\": \"/v1/chat/completions\"}", file);
+    c = (sh_call_t){.method = "POST", .body = body, .body_len = strlen(body)};
+    run_admin(&c, "/v1/batches", "ops");
+    expect_error(&c, 400, "input_file_id", "no file");
+    done(&c);
+
+    /* The admin cancels ta2's batch. */
+    c = (sh_call_t){.method = "POST", .params = {batch}};
+    run_admin(&c, "/v1/batches/{id}/cancel", "ops");
+    assert_int_equal(c.status, 200);
+    assert_non_null(strstr(c.resp, "\"status\": \"cancelling\""));
+    done(&c);
+    free(batch);
+    free(file);
+}
+
+static void files_are_deleted_unless_a_batch_reads_them(void **state)
+{
+    (void)state;
+    char *file = upload("td");
+    char *batch = create("td", file);
+
+    /* In use by an open batch: 409 naming the batch; another tenant: 404. */
+    sh_call_t c = {.method = "DELETE", .params = {file}};
+    run(&c, "/v1/files/{id}", "td");
+    expect_error(&c, 409, "id", batch);
+    done(&c);
+    c = (sh_call_t){.method = "DELETE", .params = {file}};
+    run(&c, "/v1/files/{id}", "te");
+    expect_error(&c, 404, "id", "no file");
+    done(&c);
+
+    /* Once the batch has ended, the file goes; the batch still names it. */
+    c = (sh_call_t){.method = "POST", .params = {batch}};
+    run(&c, "/v1/batches/{id}/cancel", "td");
+    assert_int_equal(c.status, 200);
+    done(&c);
+    c = (sh_call_t){.method = "GET", .params = {batch}};
+    run(&c, "/v1/batches/{id}", "td");
+    assert_non_null(strstr(c.resp, "\"status\": \"cancelled\""));
+    json_t *j = resp_json(&c);
+    char *errf = strdup(json_string_value(json_object_get(j, "error_file_id")));
+    json_decref(j);
+    done(&c);
+    c = (sh_call_t){.method = "DELETE", .params = {file}};
+    run(&c, "/v1/files/{id}", "td");
+    assert_int_equal(c.status, 200);
+    j = resp_json(&c);
+    assert_string_equal(json_string_value(json_object_get(j, "id")), file);
+    assert_string_equal(json_string_value(json_object_get(j, "object")), "file");
+    assert_true(json_is_true(json_object_get(j, "deleted")));
+    json_decref(j);
+    done(&c);
+    c = (sh_call_t){.method = "GET", .params = {file}};
+    run(&c, "/v1/files/{id}", "td");
+    expect_error(&c, 404, "id", NULL);
+    done(&c);
+    c = (sh_call_t){.method = "DELETE", .params = {file}};
+    run(&c, "/v1/files/{id}", "td");
+    expect_error(&c, 404, "id", NULL);
+    done(&c);
+    c = (sh_call_t){.method = "GET", .params = {batch}};
+    run(&c, "/v1/batches/{id}", "td");
+    assert_int_equal(c.status, 200);
+    assert_non_null(strstr(c.resp, file));
+    done(&c);
+
+    /* A deleted file makes no batch. */
+    char body[256];
+    snprintf(body, sizeof body,
+             "{\"input_file_id\": \"%s\", \"endpoint\": \"/v1/chat/completions\"}", file);
+    c = (sh_call_t){.method = "POST", .body = body, .body_len = strlen(body)};
+    run(&c, "/v1/batches", "td");
+    expect_error(&c, 400, "input_file_id", "no file");
+    done(&c);
+
+    /* An admin key deletes another tenant's (output) file. */
+    c = (sh_call_t){.method = "DELETE", .params = {errf}};
+    run_admin(&c, "/v1/files/{id}", "ops");
+    assert_int_equal(c.status, 200);
+    done(&c);
+    c = (sh_call_t){.method = "GET", .params = {errf}};
+    run(&c, "/v1/files/{id}/content", "td");
+    assert_int_equal(c.status, 404);
+    done(&c);
+    free(errf);
+    free(batch);
+    free(file);
+}
+
+static void on_work_query(sp_pgconn_t *conn, PGresult *res, const char *err, void *arg)
+{
+    (void)conn;
+    (void)res;
+    if (err)
+        fail_msg("the work connection's query failed: %s", err);
+    *(bool *)arg = true;
+}
+
+/* The number of backends waiting on a lock in create_batch. */
+static long waiting_creates(void)
+{
+    PGresult *r = PQexec(pc, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                             "'Lock' AND query LIKE '%spool.create_batch%'");
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    long n = strtol(PQgetvalue(r, 0, 0), NULL, 10);
+    PQclear(r);
+    return n;
+}
+
+/*
+ * A create_batch held up (here deterministically: another session holds its
+ * input file's row lock, which the new batch row's input check needs) keeps
+ * only the Batch API's connection busy: the sweep's first query on the work
+ * connection answers at once, and the batch is made correctly once the lock
+ * goes.
+ */
+static void a_stalled_create_leaves_the_work_connection_free(void **state)
+{
+    (void)state;
+    char *file = upload("tf");
+    PGconn *locker = pgt_connect(&t);
+    const char *p[] = {file};
+    PGresult *r = PQexec(locker, "BEGIN");
+    PQclear(r);
+    r = PQexecParams(locker, "SELECT 1 FROM spool.files WHERE id = $1 FOR UPDATE", 1, NULL, p, NULL,
+                     NULL, 0);
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    assert_int_equal(PQntuples(r), 1);
+    PQclear(r);
+
+    char body[256];
+    snprintf(body, sizeof body,
+             "{\"input_file_id\": \"%s\", \"endpoint\": \"/v1/chat/completions\"}", file);
+    sh_call_t c = {.method = "POST", .body = body, .body_len = strlen(body)};
+    start_as(&c, "/v1/batches", "tf", SCHED_SCOPE_BATCH);
+    /* Wait until the server says create_batch is waiting for the lock. */
+    int i;
+    for (i = 0; i < 5000 && waiting_creates() == 0; i += 10)
+        uv_run(&loop, UV_RUN_NOWAIT), uv_sleep(10);
+    assert_int_equal(waiting_creates(), 1);
+    assert_false(c.answered);
+
+    /* The work connection answers while the create still waits. */
+    bool swept = false;
+    uint64_t t0 = uv_hrtime();
+    assert_int_equal(sp_pgconn_query(s.db, "SELECT count(*) FROM spool.expire_leases()", 0, NULL,
+                                     on_work_query, &swept),
+                     0);
+    for (i = 0; i < 2000 && !swept; i++)
+        uv_run(&loop, UV_RUN_NOWAIT), uv_sleep(1);
+    assert_true(swept);
+    double ms = (double)(uv_hrtime() - t0) / 1e6;
+    if (ms > 1000)
+        fail_msg("the work connection took %.0f ms to answer", ms);
+    assert_false(c.answered);
+    assert_int_equal(waiting_creates(), 1);
+
+    r = PQexec(locker, "COMMIT");
+    PQclear(r);
+    PQfinish(locker);
+    wait_answer(&c, "/v1/batches");
+    if (c.status != 200)
+        fail_msg("create: %d %s", c.status, c.resp);
+    json_t *j = resp_json(&c);
+    assert_string_equal(json_string_value(json_object_get(j, "status")), "in_progress");
+    json_t *rc = json_object_get(j, "request_counts");
+    assert_int_equal(json_integer_value(json_object_get(rc, "total")), 3);
+    assert_int_equal(json_integer_value(json_object_get(rc, "failed")), 1);
+    json_decref(j);
+    done(&c);
+    free(file);
+}
+
+/* A bad chat message is named by its line, index and field in the batch's input errors. */
+static void bad_messages_are_named_by_line_and_index(void **state)
+{
+    (void)state;
+    static const char lines[] =
+        "{\"custom_id\": \"ok\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", "
+        "\"body\": {\"model\": \"tiny\", \"messages\": [{\"role\": \"user\", \"content\": "
+        "\"x\"}]}}\n"
+        "\n"
+        "{\"custom_id\": \"parts\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", "
+        "\"body\": {\"model\": \"tiny\", \"messages\": [{\"role\": \"system\", \"content\": "
+        "\"s\"}, {\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"x\"}]}]}}\n"
+        "{\"custom_id\": \"role\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\", "
+        "\"body\": {\"model\": \"tiny\", \"messages\": [{\"content\": \"x\"}]}}\n";
+    sh_call_t c = {.method = "POST",
+                   .body = lines,
+                   .body_len = strlen(lines),
+                   .query = {{"purpose", "batch"}}};
+    run(&c, "/v1/files", "tm");
+    assert_int_equal(c.status, 200);
+    json_t *j = resp_json(&c);
+    char *file = strdup(json_string_value(json_object_get(j, "id")));
+    json_decref(j);
+    done(&c);
+    char body[256];
+    snprintf(body, sizeof body,
+             "{\"input_file_id\": \"%s\", \"endpoint\": \"/v1/chat/completions\"}", file);
+    c = (sh_call_t){.method = "POST", .body = body, .body_len = strlen(body)};
+    run(&c, "/v1/batches", "tm");
+    assert_int_equal(c.status, 200);
+    j = resp_json(&c);
+    const char *p[] = {json_string_value(json_object_get(j, "id"))};
+    PGresult *r =
+        PQexecParams(pc,
+                     "SELECT string_agg(e ->> 'message', '|' ORDER BY (e ->> 'line')::int)"
+                     " FROM spool.batches b, jsonb_array_elements(b.input_errors) e "
+                     "WHERE b.id = $1",
+                     1, NULL, p, NULL, NULL, 0);
+    assert_int_equal(PQresultStatus(r), PGRES_TUPLES_OK);
+    assert_string_equal(PQgetvalue(r, 0, 0),
+                        "line 3: body.messages[1].content must be a string (content parts are "
+                        "not supported)|line 4: body.messages[0].role must be a string");
+    PQclear(r);
+    json_decref(j);
+    done(&c);
+    free(file);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(files_and_batches_through_the_handlers),
         cmocka_unit_test(bad_requests_name_the_field),
+        cmocka_unit_test(admin_keys_see_every_tenant),
+        cmocka_unit_test(files_are_deleted_unless_a_batch_reads_them),
+        cmocka_unit_test(a_stalled_create_leaves_the_work_connection_free),
+        cmocka_unit_test(bad_messages_are_named_by_line_and_index),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
