@@ -116,6 +116,30 @@ post /v1/completions "{\"model\": \"tiny\", \"prompt\": \"$prompt\", \"max_token
     \"ignore_eos\": true, \"stream\": true}" -N --max-time 1 >/dev/null || true
 for _ in $(seq 1 100); do grep -q 'live request [0-9]* cancelled' "$h/worker.log" && break; sleep 0.1; done
 grep -q 'live request [0-9]* cancelled' "$h/worker.log" || fail "no cancellation on the worker"
+# 4b. 64 concurrent streaming clients all complete, each with the greedy text.
+ref=$("$spool" generate --model "$model" --prompt "$prompt" --max-tokens 6 --temperature 0 --json)
+cpids=()
+for i in $(seq 1 64); do
+    post /v1/completions "{\"model\": \"tiny\", \"prompt\": \"$prompt\", \"max_tokens\": 6,
+        \"temperature\": 0, \"stream\": true}" -N --max-time 60 >"$h/c$i.txt" &
+    cpids+=($!)
+done
+for p in "${cpids[@]}"; do wait "$p" || fail "a concurrent stream failed (curl exit)"; done
+for i in $(seq 1 64); do
+    [ "$(grep -v '^$' "$h/c$i.txt" | tail -1)" = "data: [DONE]" ] || fail "stream $i: $(cat "$h/c$i.txt")"
+    text=$(grep '^data: {' "$h/c$i.txt" | sed 's/^data: //' | jq -j '.choices[0].text // empty')
+    [ "$text" = "$(jq -r .text <<<"$ref")" ] || fail "stream $i: '$text' vs $ref"
+done
+# The left client's sequence and the 64 are freed: the worker reports nothing running.
+running=
+for _ in $(seq 1 50); do
+    running=$(curl -s "$url/metrics" | awk '/^spool_worker_running_sequences\{/ { n++; s += $2 }
+        END { print n ? s : "absent" }')
+    [ "$running" = 0 ] && break
+    sleep 0.1
+done
+[ "$running" = 0 ] || fail "the worker still runs $running sequences"
+
 # 5. An orderly stop: exit status 0 (under ASan, no leaks), no sanitizer report anywhere.
 kill -TERM "$spid"
 st=0
