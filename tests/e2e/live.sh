@@ -13,29 +13,8 @@ scheduler=$(realpath "$2")
 worker=$(realpath "$3")
 models=$(realpath "$4")
 nodedir=$(realpath "$5")
-tag=${SPOOL_TEST_TAG:-x}
-h=$(mktemp -d "/tmp/spl-$tag-XXXXXX")
-chmod 755 "$h"
-export SPOOL_HOME=$h/home SPOOL_MODEL_STORE=$h/store
-pids=()
-cleanup() {
-    local rc=$?
-    trap - EXIT
-    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    if [ $rc != 0 ]; then
-        for f in "$h"/*.log; do [ -f "$f" ] && { echo "== $f"; tail -25 "$f"; }; done
-    fi
-    "$spool" dev down >/dev/null 2>&1 || true
-    rm -rf "$h"
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 143' TERM INT
-fail() { echo "FAIL: $*"; exit 1; }
-dsn=$("$spool" dev up 2>/dev/null)
-export SPOOL_DSN=$dsn
-q() { psql "$dsn" -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
+. "$(dirname "$(realpath "$0")")/lib.sh"
+e2e_setup spl
 
 model=$models/llama-f32
 "$spool" models push "$model" --name tiny --alias prod >/dev/null

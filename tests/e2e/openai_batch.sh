@@ -15,29 +15,8 @@ node_dir=$(realpath "$5")
 here=$(dirname "$(realpath "$0")")
 command -v node >/dev/null || { echo "node is not installed"; exit 77; }
 [ -d "$node_dir/node_modules/openai" ] || { echo "no openai client in $node_dir"; exit 77; }
-tag=${SPOOL_TEST_TAG:-x}
-h=$(mktemp -d "/tmp/spd-$tag-XXXXXX")
-chmod 755 "$h"
-export SPOOL_HOME=$h/home SPOOL_MODEL_STORE=$h/store
-pids=()
-cleanup() {
-    local rc=$?
-    trap - EXIT
-    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    if [ $rc != 0 ]; then
-        for f in "$h"/*.log; do [ -f "$f" ] && { echo "== $f"; tail -30 "$f"; }; done
-    fi
-    "$spool" dev down >/dev/null 2>&1 || true
-    rm -rf "$h"
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 143' TERM INT
-fail() { echo "FAIL: $*"; exit 1; }
-dsn=$("$spool" dev up 2>/dev/null)
-export SPOOL_DSN=$dsn
-q() { psql "$dsn" -XAtq -v ON_ERROR_STOP=1 -c "$1"; }
+. "$(dirname "$(realpath "$0")")/lib.sh"
+e2e_setup spd
 
 "$spool" models push "$models/llama-f32" --name tiny --alias prod >/dev/null
 key_a=$(q "SELECT key FROM spool.create_api_key('tenant-a')")
